@@ -1,0 +1,20 @@
+# The two README commands: `make demo` (set up, run the main job) and `make test` (set up, run the tests).
+.PHONY: setup test test-all demo lint bench
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+test-all: setup
+	.venv/bin/python -m pytest -q -m ''
+
+demo: setup
+	.venv/bin/metaembed demo
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+bench: setup
+	.venv/bin/python benchmarks/maxsim_roofline.py

@@ -1,0 +1,56 @@
+"""The ``metaembed`` command: one entry point, one sub-command per room.
+
+Each room registers its own sub-commands from ``metaembed.<room>.cli.register(subparsers)`` so this
+file stays a dispatcher. Rooms import their heavy dependencies inside the command functions, so
+``metaembed --help`` is fast and a missing optional extra only affects its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from metaembed.errors import MetaEmbedError
+
+# Modules that define ``register(subparsers)``; a room that is not built yet is simply absent.
+COMMAND_MODULES = (
+    "metaembed.demo",
+    "metaembed.index.cli",
+    "metaembed.bench.cli",
+    "metaembed.train.cli",
+    "metaembed.eval.cli",
+    "metaembed.data.cli",
+    "metaembed.serve.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metaembed", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name and name.startswith(error.name):
+                continue  # room not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MetaEmbedError as error:
+        print(f"metaembed {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"metaembed {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

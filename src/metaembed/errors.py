@@ -1,0 +1,28 @@
+"""The exceptions metaembed raises for bad input.
+
+Every error a user can cause is one of these, with a message that says what was wrong and what is
+allowed. They subclass the matching built-in (``ValueError``, ``FileNotFoundError``) so code that
+already catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class MetaEmbedError(Exception):
+    """Base class of every error metaembed raises on purpose."""
+
+
+class BudgetError(MetaEmbedError, ValueError):
+    """A budget that cannot be parsed, or that asks for more vectors than exist."""
+
+
+class ShapeError(MetaEmbedError, ValueError):
+    """A tensor with the wrong rank, size or dtype."""
+
+
+class InputError(MetaEmbedError, ValueError):
+    """An item that cannot be encoded: empty batch, unreadable image, unsupported type."""
+
+
+class CheckpointError(MetaEmbedError, FileNotFoundError):
+    """A checkpoint directory that is missing, incomplete or not a metaembed checkpoint."""
