@@ -78,7 +78,7 @@ def maxsim(
         chunk_size: candidates scored per step; default keeps the similarity block near 16 MB.
 
     Returns:
-        ``(nq, N)`` float32 scores. With bf16 candidates the GEMM output is bf16 (each dot
+        ``(nq, N)`` float32 scores (float64 for float64 inputs). With bf16 candidates the GEMM output is bf16 (each dot
         product carries bf16 rounding, ~2⁻⁹ relative); the sum over query vectors is fp32.
 
     Example:
@@ -90,19 +90,21 @@ def maxsim(
     q = queries[:, : budget.r_q]
     c = candidates[:, : budget.r_c]
     if torch.is_grad_enabled() and (q.requires_grad or c.requires_grad):
-        return maxsim_from_similarities(token_similarities(q, c)).float()
+        scores = maxsim_from_similarities(token_similarities(q, c))
+        return scores if scores.dtype == torch.float64 else scores.float()
 
     nq, r_q, dim = q.shape
     n, r_c = c.shape[0], c.shape[1]
     dtype = compute_dtype(c.dtype, c.device)
     q_matrix = q.reshape(nq * r_q, dim).to(dtype).T.contiguous()  # (D, nq·r_q)
     rows = chunk_size or max(1, _CHUNK_ELEMENTS // (r_c * nq * r_q))
-    scores = torch.empty(n, nq, dtype=torch.float32, device=q.device)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    scores = torch.empty(n, nq, dtype=out_dtype, device=q.device)
     for start in range(0, n, rows):
         block = c[start : start + rows].to(dtype)
         sims = block.reshape(-1, dim) @ q_matrix  # (rows·r_c, nq·r_q)
         best = sims.view(block.shape[0], r_c, nq, r_q).amax(dim=1)  # (rows, nq, r_q)
-        torch.sum(best, dim=-1, dtype=torch.float32, out=scores[start : start + rows])
+        torch.sum(best, dim=-1, dtype=out_dtype, out=scores[start : start + rows])
     return scores.T.contiguous()
 
 
