@@ -1,0 +1,48 @@
+"""The model card (README.md) written next to every checkpoint, with its budget table."""
+
+from __future__ import annotations
+
+from metaembed.budget import Budget
+from metaembed.model.config import MetaEmbedConfig
+
+
+def render_model_card(config: MetaEmbedConfig, embedding_dim: int, quality: dict | None = None) -> str:
+    """Markdown: what the model is, how to load it, and per budget its bytes, FLOPs and quality."""
+    metrics = sorted({name for row in (quality or {}).values() for name in row})
+    header = ["budget", "bf16 bytes / candidate", "FLOPs / (query, candidate)", *metrics]
+    lines = [
+        "---",
+        "library_name: metaembed",
+        "tags: [metaembed, multi-vector, late-interaction, matryoshka, retrieval]",
+        "---",
+        "# MetaEmbed checkpoint",
+        "",
+        f"Backbone family `{config.backbone_family}`; {config.num_query_tokens} query and "
+        f"{config.num_candidate_tokens} candidate Meta Tokens; {embedding_dim}-d vectors; layout "
+        f"`{config.meta_layout}`. Pick a budget `(r_q, r_c)` at serve time: the first r_q query and first "
+        "r_c candidate vectors take part in MaxSim.",
+        "",
+        "```python",
+        "from metaembed import MetaEmbedModel, maxsim",
+        'model = MetaEmbedModel.from_pretrained("<this directory or hub id>")',
+        'scores = maxsim(model.encode_queries(["..."]), model.encode_candidates(["..."]), budget="4x8")',
+        "```",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for budget in Budget.LADDER:
+        if budget.r_q > config.num_query_tokens or budget.r_c > config.num_candidate_tokens:
+            continue
+        row = [
+            str(budget),
+            f"{budget.index_bytes(1, embedding_dim, 2):,}",
+            f"{budget.flops(1, embedding_dim):,}",
+            *(_fmt((quality or {}).get(str(budget), {}).get(name)) for name in metrics),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,76 @@
+"""The configuration a MetaEmbed checkpoint is saved with (``config.json``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from metaembed.errors import CheckpointError
+
+MODEL_TYPE = "metaembed"
+META_LAYOUTS = ("reference", "own")
+
+
+@dataclass
+class MetaEmbedConfig:
+    """Everything besides weights that decides what a MetaEmbed model computes.
+
+    Attributes:
+        backbone_family: adapter in ``metaembed.model.backbones`` ("qwen2_vl", "qwen2_5_vl", "text").
+        num_query_tokens: R_q, query-side Meta Tokens (paper: 16).
+        num_candidate_tokens: R_c, candidate-side Meta Tokens (paper: 64).
+        dim: output width of an optional linear projection; ``None`` keeps the hidden size (the paper's
+            main configuration).
+        meta_layout: "reference" appends all R_q + R_c Meta Tokens to every input (the official code);
+            "own" appends only the side's own tokens. Under causal attention the query vectors are
+            identical either way (M_q precedes M_c), so "own" only makes queries cheaper; candidates
+            differ (M_c no longer attends to M_q), so a model must be trained with the layout it serves.
+        query_prefix: text put before a query's text (reference: "Query: ").
+        query_augmentation_tokens: pad tokens appended to queries, ColPali-style (reference: 10).
+        image_only_text: the text an image-only item is given (reference: "Describe the image.").
+        max_text_tokens: longer texts are truncated to this many tokens before templating.
+        min_image_side: smaller images are upscaled to this side (Qwen-VL needs ≥ 28 px).
+        backbone_path: where the backbone weights live, relative to the checkpoint directory.
+    """
+
+    backbone_family: str
+    num_query_tokens: int = 16
+    num_candidate_tokens: int = 64
+    dim: int | None = None
+    meta_layout: str = "reference"
+    query_prefix: str = "Query: "
+    query_augmentation_tokens: int = 10
+    image_only_text: str = "Describe the image."
+    max_text_tokens: int = 1024
+    min_image_side: int = 28
+    backbone_path: str = "backbone"
+
+    def __post_init__(self) -> None:
+        if self.meta_layout not in META_LAYOUTS:
+            raise ValueError(f"meta_layout must be one of {META_LAYOUTS}, got {self.meta_layout!r}")
+        for name in ("num_query_tokens", "num_candidate_tokens", "max_text_tokens", "min_image_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim must be a positive int or None, got {self.dim}")
+
+    def to_json_file(self, path: Path) -> None:
+        path.write_text(json.dumps({"model_type": MODEL_TYPE, **asdict(self)}, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> MetaEmbedConfig:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"cannot read {path}: {error}") from error
+        if not isinstance(data, dict) or data.pop("model_type", None) != MODEL_TYPE:
+            raise CheckpointError(f"{path} is not a metaembed config (model_type must be {MODEL_TYPE!r})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"{path} has unknown keys {unknown}; written by a newer metaembed?")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path} is not a valid metaembed config: {error}") from error

@@ -1,0 +1,288 @@
+"""MetaEmbedModel: a backbone plus Meta Tokens, read out as a normalised multi-vector embedding."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from metaembed.budget import Budget
+from metaembed.errors import CheckpointError
+from metaembed.model.backbones import Backbone, Processor, adapter_for, detect_family
+from metaembed.model.card import render_model_card
+from metaembed.model.config import MetaEmbedConfig
+from metaembed.model.items import ItemLike, check_batch, to_items
+from metaembed.model.meta_tokens import Side, meta_slots
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+META_INIT_STD = 0.02  # Qwen2.5-VL's initializer_range, which the official code's fresh nn.Embedding gets
+
+
+class MetaEmbedModel(nn.Module):
+    """Encodes queries and candidates into ``(R, D)`` L2-normalised Meta-Token embeddings.
+
+    Build one from a Hugging Face backbone with :meth:`from_backbone`, or load a saved one with
+    :meth:`from_pretrained`. Score with :func:`metaembed.maxsim` at any budget.
+
+    Example:
+        >>> model = MetaEmbedModel.from_pretrained("path/to/checkpoint")  # doctest: +SKIP
+        >>> q = model.encode_queries(["a red bicycle"], budget="4x8")  # (1, 4, D)
+        >>> c = model.encode_candidates([Path("bike.jpg")], budget="4x8")  # (1, 8, D)
+        >>> metaembed.maxsim(q, c)
+    """
+
+    def __init__(self, config: MetaEmbedConfig, backbone: Backbone, processor: Processor) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.processor_impl = processor
+        hidden = backbone.hidden_size
+        self.meta_tokens = nn.Embedding(config.num_query_tokens + config.num_candidate_tokens, hidden)
+        nn.init.normal_(self.meta_tokens.weight, std=META_INIT_STD)
+        self.projection = nn.Linear(hidden, config.dim) if config.dim is not None else None
+        dtype = next(backbone.parameters()).dtype
+        self.meta_tokens.to(dtype)
+        if self.projection is not None:
+            self.projection.to(dtype)
+
+    # ----------------------------------------------------------------------------------------- build
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path: str | Path,
+        *,
+        family: str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        **config_overrides,
+    ) -> MetaEmbedModel:
+        """A new MetaEmbed model (fresh Meta Tokens) on a transformers backbone.
+
+        ``name_or_path`` is a local directory or hub id with the backbone's config, weights and
+        tokenizer (and image processor for VLMs). ``config_overrides`` set :class:`MetaEmbedConfig`
+        fields, e.g. ``num_query_tokens=16, num_candidate_tokens=64, dim=128``.
+        """
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        except OSError as error:
+            raise CheckpointError(f"cannot load a backbone config from {str(name_or_path)!r}: {error}") from error
+        config = MetaEmbedConfig(backbone_family=family or detect_family(model_type), **config_overrides)
+        return cls._assemble(config, name_or_path, _dtype(torch_dtype))
+
+    @classmethod
+    def _assemble(cls, config: MetaEmbedConfig, backbone_path: str | Path, dtype: torch.dtype | None):
+        adapter = adapter_for(config.backbone_family)
+        try:
+            backbone = adapter.load(backbone_path, dtype)
+            processor = adapter.load_processor(backbone_path, config)
+        except OSError as error:
+            raise CheckpointError(f"cannot load backbone from {str(backbone_path)!r}: {error}") from error
+        return cls(config, backbone, processor)
+
+    # --------------------------------------------------------------------------------------- forward
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.dim if self.config.dim is not None else self.backbone.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.meta_tokens.weight.device
+
+    def num_vectors(self, side: Side) -> int:
+        return self.config.num_query_tokens if side == "query" else self.config.num_candidate_tokens
+
+    def processor(self, items: Sequence[ItemLike], side: Side) -> dict[str, torch.Tensor]:
+        """Tokenise and preprocess a batch, Meta-Token slots appended (the input of :meth:`forward`)."""
+        slots = self._slots(side)
+        return self.processor_impl(to_items(check_batch(items)), side, slots.count)
+
+    def forward(self, batch: dict[str, torch.Tensor], side: Side) -> torch.Tensor:
+        """``(B, R_side, D)`` L2-normalised float32 embeddings; differentiable."""
+        slots = self._slots(side)
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        meta = self.meta_tokens.weight[slots.rows.start : slots.rows.stop]
+        meta = meta.unsqueeze(0).expand(batch["input_ids"].shape[0], -1, -1)
+        hidden = self.backbone(batch, meta)
+        states = hidden[:, -slots.count :][:, slots.readout]
+        if self.projection is not None:
+            states = self.projection(states)
+        return F.normalize(states.float(), dim=-1)
+
+    def _slots(self, side: Side):
+        return meta_slots(side, self.config.meta_layout, self.config.num_query_tokens, self.config.num_candidate_tokens)
+
+    # ---------------------------------------------------------------------------------------- encode
+    def encode_queries(self, items: Sequence[ItemLike], budget: Budget | str | None = None, **kwargs) -> torch.Tensor:
+        """``(n, r_q, D)`` query embeddings (all R_q vectors without a budget). See :meth:`encode`."""
+        return self.encode(items, "query", budget, **kwargs)
+
+    def encode_candidates(
+        self, items: Sequence[ItemLike], budget: Budget | str | None = None, **kwargs
+    ) -> torch.Tensor:
+        """``(n, r_c, D)`` candidate embeddings (all R_c vectors without a budget). See :meth:`encode`."""
+        return self.encode(items, "candidate", budget, **kwargs)
+
+    encode_query = encode_queries  # sentence-transformers spelling
+    encode_document = encode_candidates
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        items: Sequence[ItemLike],
+        side: Side,
+        budget: Budget | str | None = None,
+        *,
+        batch_size: int = 8,
+        show_progress_bar: bool | None = None,
+    ) -> torch.Tensor:
+        """Embed items on one side; the budget only truncates (encoding cost does not depend on it).
+
+        Items are sorted by size so each batch pads little, then returned in input order as a float32
+        CPU tensor ``(n, r, D)``. Images are read lazily, one batch at a time.
+        """
+        items = check_batch(items)
+        keep = self.num_vectors(side)
+        if budget is not None:
+            parsed = Budget.parse(budget).validate(self.config.num_query_tokens, self.config.num_candidate_tokens)
+            keep = parsed.r_q if side == "query" else parsed.r_c
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        order = sorted(range(len(items)), key=lambda i: _rough_size(items[i]))
+        out = torch.empty(len(items), keep, self.embedding_dim, dtype=torch.float32)
+        starts = range(0, len(items), batch_size)
+        show = show_progress_bar if show_progress_bar is not None else (len(starts) > 1 and sys.stderr.isatty())
+        was_training = self.training
+        self.eval()
+        try:
+            for start in tqdm(starts, desc=f"encode {side}", disable=not show, unit="batch"):
+                index = order[start : start + batch_size]
+                batch = self.processor_impl(
+                    to_items([items[i] for i in index], offset=start), side, self._slots(side).count
+                )
+                out[index] = self(batch, side)[:, :keep].cpu()
+        finally:
+            self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path, *, quality: dict | None = None) -> Path:
+        """Write config.json, model.safetensors (Meta Tokens, projection), backbone/ and a model card.
+
+        The directory is written next to its final place and renamed in, so an interrupted save never
+        leaves a half checkpoint; an existing checkpoint there is replaced only once the new one is complete.
+        ``quality`` (budget → metric → value) goes into the model card's budget table.
+        """
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.config.to_json_file(staging / CONFIG_FILE)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self._head_state().items()}, staging / WEIGHTS_FILE)
+            backbone_dir = staging / self.config.backbone_path
+            self.backbone.save_pretrained(backbone_dir)
+            self.processor_impl.save_pretrained(backbone_dir)
+            (staging / "README.md").write_text(render_model_card(self.config, self.embedding_dim, quality))
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+                staging.rename(target)
+                shutil.rmtree(old)
+            else:
+                staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, torch_dtype: torch.dtype | str | None = None, device: str | None = None
+    ) -> MetaEmbedModel:
+        """Load a checkpoint written by :meth:`save_pretrained` from a directory or a hub id."""
+        directory = _resolve_checkpoint(name_or_path)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for required in (config_path, weights_path):
+            if not required.is_file():
+                raise CheckpointError(
+                    f"{directory} is not a complete metaembed checkpoint: {required.name} is missing "
+                    f"(expected {CONFIG_FILE}, {WEIGHTS_FILE} and backbone/)"
+                )
+        config = MetaEmbedConfig.from_json_file(config_path)
+        backbone_dir = directory / config.backbone_path
+        if not (backbone_dir / "config.json").is_file():
+            raise CheckpointError(f"{directory}: backbone directory {backbone_dir} is missing or has no config.json")
+        model = cls._assemble(config, backbone_dir, _dtype(torch_dtype))
+        model._load_head(weights_path)
+        return model.to(device) if device else model
+
+    def _head_state(self) -> dict[str, torch.Tensor]:
+        state = {"meta_tokens.weight": self.meta_tokens.weight}
+        if self.projection is not None:
+            state.update({f"projection.{k}": v for k, v in self.projection.state_dict().items()})
+        return state
+
+    def _load_head(self, path: Path) -> None:
+        try:
+            saved = load_file(path)
+        except Exception as error:  # safetensors raises its own error types for truncated/foreign files
+            raise CheckpointError(f"cannot read {path}: {error}") from error
+        expected = self._head_state()
+        if set(saved) != set(expected):
+            raise CheckpointError(
+                f"{path} holds {sorted(saved)}, expected {sorted(expected)} for this config "
+                "(num tokens / dim in config.json must match the weights)"
+            )
+        for name, tensor in expected.items():
+            if saved[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(tensor.shape)}"
+                )
+            with torch.no_grad():
+                tensor.copy_(saved[name].to(tensor.dtype))
+
+
+def _resolve_checkpoint(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"checkpoint directory {text!r} does not exist (and it is not a hub id 'owner/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text))
+    except Exception as error:  # offline, unknown repo, auth: the hub library raises many types
+        raise CheckpointError(f"cannot download {text!r} from the Hugging Face hub: {error}") from error
+
+
+def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        dtype = getattr(torch, str(value).replace("torch.", ""))
+    except AttributeError:
+        dtype = None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating dtype like 'float32' or 'bfloat16', got {value!r}")
+    return dtype
+
+
+def _rough_size(value: ItemLike) -> int:
+    """A sort key that needs no image decoding: text length, with images after text."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return len(value.get("text") or "") + (10_000 if value.get("image") is not None else 0)
+    return 10_000
