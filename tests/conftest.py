@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny real transformers backbones built locally (no hub), once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+    """``tiny_backbone(family)`` → directory of a tiny random Qwen2-VL / Qwen2.5-VL (cached per family)."""
+    from metaembed.model.tiny import make_tiny_backbone
+
+    made: dict[str, object] = {}
+
+    def build(family: str = "qwen2_vl"):
+        if family not in made:
+            made[family] = make_tiny_backbone(tmp_path_factory.mktemp(family), family)
+        return made[family]
+
+    return build
+
+
+@pytest.fixture
+def tiny_model(tiny_backbone):
+    """A fresh MetaEmbedModel (16 + 64 Meta Tokens) on the tiny Qwen2-VL backbone."""
+    import torch
+
+    from metaembed import MetaEmbedModel
+
+    torch.manual_seed(0)
+    return MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl"))
