@@ -284,5 +284,6 @@ def _rough_size(value: ItemLike) -> int:
     if isinstance(value, str):
         return len(value)
     if isinstance(value, dict):
-        return len(value.get("text") or "") + (10_000 if value.get("image") is not None else 0)
+        text = value.get("text")
+        return (len(text) if isinstance(text, str) else 0) + (10_000 if value.get("image") is not None else 0)
     return 10_000
