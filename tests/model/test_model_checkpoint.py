@@ -89,3 +89,48 @@ def test_bf16_loading(tiny_model, tmp_path):
     torch.testing.assert_close(out, tiny_model.encode_queries(ITEMS), atol=0.1, rtol=0.1)
     with pytest.raises(ValueError, match="torch_dtype must be a floating dtype"):
         MetaEmbedModel.from_pretrained(path, torch_dtype="int8")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_lora_trains_only_adapter_meta_tokens_and_projection_and_round_trips(tiny_backbone, tmp_path, family):
+    from metaembed import maxsim
+
+    torch.manual_seed(2)
+    model = MetaEmbedModel.from_backbone(tiny_backbone(family), dim=16)
+    model.add_lora(r=4, alpha=8, dropout=0.0)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith(("meta_tokens", "projection")) for n in trainable)
+    assert any(".language_model." in n and "lora_" in n for n in trainable)
+    assert not any(".visual." in n for n in trainable)
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        model.add_lora()
+
+    model.train()
+    loss = -maxsim(
+        model(model.processor(ITEMS, "query"), "query"), model(model.processor(ITEMS, "candidate"), "candidate")
+    ).trace()
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():  # make the adapter non-trivial, as training would
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+
+    path = model.save_pretrained(tmp_path / "ckpt")
+    assert (path / "adapter.safetensors").is_file()
+    loaded = MetaEmbedModel.from_pretrained(path)
+    assert loaded.config.lora == model.config.lora
+    assert torch.equal(loaded.encode_queries(ITEMS), model.encode_queries(ITEMS))
+    fresh = MetaEmbedModel.from_backbone(tiny_backbone(family), dim=16)
+    fresh.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "lora_" not in k and "base_layer" not in k}, strict=False
+    )
+    assert not torch.allclose(fresh.encode_queries(ITEMS), model.encode_queries(ITEMS))  # the adapter matters
+
+
+def test_missing_adapter_file_is_a_checkpoint_error(tiny_model, tmp_path):
+    tiny_model.add_lora(r=2)
+    path = tiny_model.save_pretrained(tmp_path / "ckpt")
+    (path / "adapter.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"adapter\.safetensors is missing"):
+        MetaEmbedModel.from_pretrained(path)

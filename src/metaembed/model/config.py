@@ -32,6 +32,7 @@ class MetaEmbedConfig:
         max_text_tokens: longer texts are truncated to this many tokens before templating.
         min_image_side: smaller images are upscaled to this side (Qwen-VL needs ≥ 28 px).
         backbone_path: where the backbone weights live, relative to the checkpoint directory.
+        lora: the peft ``LoraConfig`` arguments of the backbone's LoRA adapter, or ``None`` without one.
     """
 
     backbone_family: str
@@ -45,6 +46,7 @@ class MetaEmbedConfig:
     max_text_tokens: int = 1024
     min_image_side: int = 28
     backbone_path: str = "backbone"
+    lora: dict | None = None
 
     def __post_init__(self) -> None:
         if self.meta_layout not in META_LAYOUTS:

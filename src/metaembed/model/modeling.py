@@ -24,6 +24,7 @@ from metaembed.model.meta_tokens import Side, meta_slots
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 META_INIT_STD = 0.02  # Qwen2.5-VL's initializer_range, which the official code's fresh nn.Embedding gets
 
 
@@ -88,6 +89,44 @@ class MetaEmbedModel(nn.Module):
         except OSError as error:
             raise CheckpointError(f"cannot load backbone from {str(backbone_path)!r}: {error}") from error
         return cls(config, backbone, processor)
+
+    # ------------------------------------------------------------------------------------------ LoRA
+    def add_lora(
+        self,
+        r: int = 32,
+        alpha: int = 32,
+        dropout: float = 0.1,
+        target_modules: str | list[str] | None = None,
+        init_lora_weights: bool | str = "gaussian",
+    ) -> None:
+        """Inject a LoRA adapter into the backbone (the official recipe: r = α = 32, dropout 0.1).
+
+        Afterwards only the adapter, the Meta Tokens and the projection are trainable; the base weights
+        are frozen. ``target_modules`` defaults to the family's language-model projections. The adapter is
+        saved with the checkpoint (``adapter.safetensors``) next to the unchanged base weights.
+        """
+        if self.config.lora is not None:
+            raise ValueError("this model already has a LoRA adapter")
+        targets = target_modules or type(self.backbone).lora_targets
+        lora = dict(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            init_lora_weights=init_lora_weights,
+            bias="none",
+        )
+        self._inject_lora(lora)
+        self.config.lora = lora
+        for name, parameter in self.backbone.named_parameters():
+            parameter.requires_grad = "lora_" in name
+
+    def _inject_lora(self, lora: dict) -> None:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as error:
+            raise ImportError("LoRA needs peft: pip install 'metaembed[train]'") from error
+        inject_adapter_in_model(LoraConfig(**lora), self.backbone.model)
 
     # --------------------------------------------------------------------------------------- forward
     @property
@@ -187,7 +226,11 @@ class MetaEmbedModel(nn.Module):
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             self.config.to_json_file(staging / CONFIG_FILE)
-            save_file({k: v.detach().contiguous().cpu() for k, v in self._head_state().items()}, staging / WEIGHTS_FILE)
+            save_file(_cpu(self._head_state()), staging / WEIGHTS_FILE)
+            if self.config.lora is not None:
+                from peft import get_peft_model_state_dict
+
+                save_file(_cpu(get_peft_model_state_dict(self.backbone.model)), staging / ADAPTER_FILE)
             backbone_dir = staging / self.config.backbone_path
             self.backbone.save_pretrained(backbone_dir)
             self.processor_impl.save_pretrained(backbone_dir)
@@ -224,6 +267,8 @@ class MetaEmbedModel(nn.Module):
             raise CheckpointError(f"{directory}: backbone directory {backbone_dir} is missing or has no config.json")
         model = cls._assemble(config, backbone_dir, _dtype(torch_dtype))
         model._load_head(weights_path)
+        if config.lora is not None:
+            model._load_adapter(directory / ADAPTER_FILE)
         return model.to(device) if device else model
 
     def _head_state(self) -> dict[str, torch.Tensor]:
@@ -250,6 +295,27 @@ class MetaEmbedModel(nn.Module):
                 )
             with torch.no_grad():
                 tensor.copy_(saved[name].to(tensor.dtype))
+
+    def _load_adapter(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+
+        if not path.is_file():
+            raise CheckpointError(f"config.json names a LoRA adapter but {path} is missing")
+        try:
+            adapter = load_file(path)
+        except Exception as error:  # safetensors raises its own error types for truncated/foreign files
+            raise CheckpointError(f"cannot read {path}: {error}") from error
+        self._inject_lora(self.config.lora)
+        result = set_peft_model_state_dict(self.backbone.model, adapter)
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if result.unexpected_keys or missing:
+            raise CheckpointError(
+                f"{path} does not fit the backbone: unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
+            )
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
 
 
 def _resolve_checkpoint(name_or_path: str | Path) -> Path:

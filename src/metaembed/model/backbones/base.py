@@ -65,6 +65,16 @@ class Backbone(nn.Module):
     """Wraps a transformers model; ``forward`` returns last hidden states ``(B, T, H)``."""
 
     families: ClassVar[tuple[str, ...]] = ()
+    # peft target_modules for LoRA: the language model's projections (the official recipe's targets).
+    lora_targets: ClassVar[str | list[str]] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -85,7 +95,8 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def save_pretrained(self, directory: Path) -> None:
-        self.model.save_pretrained(directory)
+        """Save the base weights (a LoRA adapter, if any, is saved separately by the model)."""
+        self.model.save_pretrained(directory, state_dict=base_state_dict(self.model))
 
     def embed_with_meta(self, input_ids: torch.Tensor, meta_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the last ``meta_embeds.shape[1]`` positions replaced by the Meta Tokens."""
@@ -95,6 +106,13 @@ class Backbone(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights without LoRA adapters, under their original (pre-injection) names."""
+    return {
+        name.replace(".base_layer.", "."): tensor for name, tensor in module.state_dict().items() if "lora_" not in name
+    }
 
 
 def require_text_only(items: Sequence[Item], family: str) -> None:

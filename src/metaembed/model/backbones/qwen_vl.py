@@ -70,6 +70,8 @@ class QwenVLProcessor(Processor):
 
 class QwenVLBackbone(Backbone):
     families = ("qwen2_vl", "qwen2_5_vl")
+    # The official regex restricted to the language model (the vision tower stays as pretrained).
+    lora_targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
     @property
     def hidden_size(self) -> int:

@@ -29,6 +29,8 @@ class TextProcessor(Processor):
 
 class TextBackbone(Backbone):
     families = ("text",)
+    # Llama/Qwen-style projections, and BERT-style attention (query/key/value) and dense layers.
+    lora_targets = (*Backbone.lora_targets, "query", "key", "value", "dense")
 
     def __init__(self, model) -> None:
         super().__init__(model)
