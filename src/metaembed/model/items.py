@@ -48,7 +48,14 @@ def load_image(source: Image.Image | str | os.PathLike, where: str) -> Image.Ima
             raise InputError(f"{where}: cannot read image {str(path)!r}: {error}") from error
     if image.width < 1 or image.height < 1:
         raise InputError(f"{where}: image has no pixels ({image.width}×{image.height})")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # transparent clip art and icons: composite on white, as they are shown, not on black
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def to_item(value: ItemLike, index: int = 0) -> Item:

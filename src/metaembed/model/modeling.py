@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metaembed.budget import Budget
-from metaembed.errors import CheckpointError
+from metaembed.errors import CheckpointError, MetaEmbedError
 from metaembed.model.backbones import Backbone, Processor, adapter_for, detect_family
 from metaembed.model.card import render_model_card
 from metaembed.model.config import MetaEmbedConfig
@@ -71,13 +71,12 @@ class MetaEmbedModel(nn.Module):
         tokenizer (and image processor for VLMs). ``config_overrides`` set :class:`MetaEmbedConfig`
         fields, e.g. ``num_query_tokens=16, num_candidate_tokens=64, dim=128``.
         """
-        from transformers import AutoConfig
-
-        try:
-            model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        except OSError as error:
-            raise CheckpointError(f"cannot load a backbone config from {str(name_or_path)!r}: {error}") from error
-        config = MetaEmbedConfig(backbone_family=family or detect_family(model_type), **config_overrides)
+        if family is None:
+            try:
+                family = detect_family(name_or_path)
+            except OSError as error:
+                raise CheckpointError(f"cannot load a backbone config from {str(name_or_path)!r}: {error}") from error
+        config = MetaEmbedConfig(backbone_family=family, **config_overrides)
         return cls._assemble(config, name_or_path, _dtype(torch_dtype))
 
     @classmethod
@@ -86,7 +85,9 @@ class MetaEmbedModel(nn.Module):
         try:
             backbone = adapter.load(backbone_path, dtype)
             processor = adapter.load_processor(backbone_path, config)
-        except OSError as error:
+        except MetaEmbedError:
+            raise
+        except (OSError, ValueError) as error:  # transformers: missing files (OSError), unknown config (ValueError)
             raise CheckpointError(f"cannot load backbone from {str(backbone_path)!r}: {error}") from error
         return cls(config, backbone, processor)
 
@@ -101,9 +102,10 @@ class MetaEmbedModel(nn.Module):
     ) -> None:
         """Inject a LoRA adapter into the backbone (the official recipe: r = α = 32, dropout 0.1).
 
-        Afterwards only the adapter, the Meta Tokens and the projection are trainable; the base weights
-        are frozen. ``target_modules`` defaults to the family's language-model projections. The adapter is
-        saved with the checkpoint (``adapter.safetensors``) next to the unchanged base weights.
+        Afterwards the wrapped transformers model trains only its adapter; the Meta Tokens, the
+        projection and modules the backbone adapter adds itself (the mini projector) stay trainable.
+        ``target_modules`` defaults to the family's language-model projections. The adapter is saved
+        with the checkpoint (``adapter.safetensors``) next to the unchanged base weights.
         """
         if self.config.lora is not None:
             raise ValueError("this model already has a LoRA adapter")
@@ -118,7 +120,7 @@ class MetaEmbedModel(nn.Module):
         )
         self._inject_lora(lora)
         self.config.lora = lora
-        for name, parameter in self.backbone.named_parameters():
+        for name, parameter in self.backbone.model.named_parameters():  # adapter modules (a projector) stay trainable
             parameter.requires_grad = "lora_" in name
 
     def _inject_lora(self, lora: dict) -> None:
@@ -263,8 +265,8 @@ class MetaEmbedModel(nn.Module):
                 )
         config = MetaEmbedConfig.from_json_file(config_path)
         backbone_dir = directory / config.backbone_path
-        if not (backbone_dir / "config.json").is_file():
-            raise CheckpointError(f"{directory}: backbone directory {backbone_dir} is missing or has no config.json")
+        if not backbone_dir.is_dir():
+            raise CheckpointError(f"{directory}: backbone directory {backbone_dir} is missing")
         model = cls._assemble(config, backbone_dir, _dtype(torch_dtype))
         model._load_head(weights_path)
         if config.lora is not None:

