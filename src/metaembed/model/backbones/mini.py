@@ -186,7 +186,7 @@ class MiniBackbone(Backbone):
                 self._features.clear()
             for i, feature in zip(missing, tokens, strict=True):
                 self._features[int(keys[i])] = feature.to(torch.float16).cpu()
-        return torch.stack([self._features[int(key)] for key in keys.tolist()]).to(pixel_values.device)
+        return torch.stack([self._features[int(key)].float() for key in keys.tolist()]).to(pixel_values.device)
 
     def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
         embeds = self.embed_with_meta(batch["input_ids"], meta_embeds)
