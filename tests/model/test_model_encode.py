@@ -111,6 +111,9 @@ def test_long_texts_are_truncated_to_max_text_tokens(tiny_backbone):
         ([{"caption": "x"}], "unknown keys"),
         ([{}], "neither 'text' nor 'image'"),
         ([{"text": 5}], "'text' must be a str"),
+        (["ok", "bad \ud800 text"], "item 1: text is not valid Unicode"),
+        ([{"text": "\udfff"}], "item 0: text is not valid Unicode"),
+        ([Image.new("RGB", (402, 2))], r"item 0: image is 402×2; the aspect ratio must be at most 200:1"),
     ],
 )
 def test_bad_items_raise_input_errors(tiny_model, items, message):

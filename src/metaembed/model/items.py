@@ -19,6 +19,9 @@ from metaembed.errors import InputError
 
 ItemLike = str | Image.Image | os.PathLike | Mapping[str, Any]
 
+# Qwen2-VL's resize rule (and most patch-based vision towers) refuse images this elongated.
+MAX_ASPECT_RATIO = 200
+
 
 @dataclass(frozen=True)
 class Item:
@@ -48,6 +51,10 @@ def load_image(source: Image.Image | str | os.PathLike, where: str) -> Image.Ima
             raise InputError(f"{where}: cannot read image {str(path)!r}: {error}") from error
     if image.width < 1 or image.height < 1:
         raise InputError(f"{where}: image has no pixels ({image.width}×{image.height})")
+    if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+        raise InputError(
+            f"{where}: image is {image.width}×{image.height}; the aspect ratio must be at most {MAX_ASPECT_RATIO}:1"
+        )
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -58,13 +65,22 @@ def load_image(source: Image.Image | str | os.PathLike, where: str) -> Image.Ima
     return image.convert("RGB")
 
 
+def check_text(text: str, where: str) -> str:
+    """``text`` if it can be tokenised; lone surrogates (e.g. from a bad JSON escape) are rejected."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f"{where}: text is not valid Unicode ({error.reason} at position {error.start})") from None
+    return text
+
+
 def to_item(value: ItemLike, index: int = 0) -> Item:
     """Normalise one user input into an Item; ``index`` names it in error messages."""
     where = f"item {index}"
     if isinstance(value, Item):
         return value
     if isinstance(value, str):
-        return Item(text=value)
+        return Item(text=check_text(value, where))
     if isinstance(value, Image.Image | os.PathLike):
         return Item(image=load_image(value, where))
     if isinstance(value, Mapping):
@@ -76,6 +92,7 @@ def to_item(value: ItemLike, index: int = 0) -> Item:
             raise InputError(f"{where}: 'text' must be a str, got {type(text).__name__}")
         if text is None and image is None:
             raise InputError(f"{where}: has neither 'text' nor 'image'")
+        text = None if text is None else check_text(text, where)
         return Item(text=text, image=None if image is None else load_image(image, where))
     raise InputError(
         f"{where}: cannot encode a {type(value).__name__}; pass a str (text), a PIL image, a pathlib.Path "
