@@ -156,20 +156,20 @@ def test_eval_gold_first_with_distinct_distractors(built):
 
 
 def test_hard_negative_is_the_nearest_other_training_item(clipart_raw, tmp_path, rawkit):
-    for j, words in enumerate((("zebra", "stripes", "savanna"), ("zebra", "stripes", "grass"))):
+    for j, words in enumerate((("zebra", "stripes", "savanna"), ("zebra", "stripes", "grass"), ("zebra", "stripes"))):
         key = f"animals/zebra_{j}"
         while is_test("openclipart", key, 20):
             key += "x"
-        rawkit.add_clipart(clipart_raw, key, f"Zebra picture {j}", seed=7000 + j, keywords=words)
+        title = ("Zebra picture one", "Zebra picture two", "zebra")[j]  # "zebra" is contained: not a negative
+        rawkit.add_clipart(clipart_raw, key, title, seed=7000 + j, keywords=words)
     folder = tmp_path / "out" / "openclipart"
     build("openclipart", clipart_raw, tmp_path / "out")
     by_image = {i["image"]: i for i in read_jsonl(folder / "items.jsonl")}
     records = read_jsonl(folder / "train/openclipart_t2i.jsonl")
     zebras = [r for r in records if "Zebra picture" in r["qry"]]
     assert len(zebras) == 2
-    for record in zebras:
-        assert record["neg_image_path"] != record["pos_image_path"]
-        assert "Zebra picture" in by_image[record["neg_image_path"]]["title"]
+    negatives = {by_image[r["pos_image_path"]]["title"]: by_image[r["neg_image_path"]]["title"] for r in zebras}
+    assert negatives == {"Zebra picture one": "Zebra picture two", "Zebra picture two": "Zebra picture one"}
     for record in records:
         assert by_image[record["neg_image_path"]]["split"] == "train"
         assert record["neg_image_path"] != record["pos_image_path"]
@@ -272,3 +272,23 @@ def test_render_composites_on_white_and_keeps_aspect(tmp_path):
         render_image(broken, 40)
     digest = hashlib.sha256(render_image(wide, 40)).hexdigest()
     assert digest == hashlib.sha256(render_image(wide, 40)).hexdigest()
+
+
+def test_hard_negatives_rank_by_overlap_and_skip_contained_titles(tmp_path):
+    from metaembed.data.common import Item, hard_negatives
+
+    def item(key, title, *keywords):
+        return Item(key=key, id=key, title=title, image=tmp_path / f"{key}.png", keywords=keywords)
+
+    items = [
+        item("a", "biohazard", "warning", "sign"),
+        item("b", "Biohazard symbol", "warning", "sign"),
+        item("c", "radiation", "warning", "sign"),
+        item("d", "grinning face", "face", "smile"),
+        item("e", "grinning face with big eyes", "face", "smile"),
+    ]
+    assert hard_negatives(items, "x") == [1, 0, 0, 4, 3]
+    skipping = hard_negatives(items, "x", skip_contained_titles=True)
+    assert skipping[:3] == [2, 2, 0]
+    assert skipping[3] not in (3, 4) and skipping[4] not in (3, 4)  # nothing left: a seeded random other item
+    assert skipping == hard_negatives(items, "x", skip_contained_titles=True)

@@ -123,7 +123,7 @@ def build_dataset(
 
     say(f"{source}: {len(train)} train / {len(test)} test items; mining hard negatives and sampling distractors")
     files: dict[str, bytes] = {f"images/{item.id}.png": rendered[item.id] for item in kept}
-    files.update(_train_files(source, train))
+    files.update(_train_files(source, train, module.CONTAINED_TITLES_ARE_DUPLICATES))
     files.update(_eval_files(source, test, options.num_distractors))
     files["items.jsonl"] = _jsonl(
         {
@@ -166,6 +166,11 @@ def build_dataset(
         "train": {
             "hard_negative": "the other training item with the highest Jaccard overlap of title words "
             "and keywords (ties: smaller key)"
+            + (
+                "; items whose title words contain the other's are skipped as the same thing drawn twice"
+                if module.CONTAINED_TITLES_ARE_DUPLICATES
+                else ""
+            )
         },
         "instructions": {"t2i_query": T2I_QUERY, "image_candidate": IMAGE_CANDIDATE, "i2t_query": I2T_QUERY},
         "limit": options.limit,
@@ -188,8 +193,8 @@ def build_dataset(
     return manifest
 
 
-def _train_files(source: str, train: list[Item]) -> dict[str, bytes]:
-    negatives = hard_negatives(train, source)
+def _train_files(source: str, train: list[Item], skip_contained_titles: bool) -> dict[str, bytes]:
+    negatives = hard_negatives(train, source, skip_contained_titles)
     t2i, i2t = [], []
     for item, neg in ((item, train[n]) for item, n in zip(train, negatives, strict=True)):
         t2i.append(

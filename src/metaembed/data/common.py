@@ -73,8 +73,15 @@ class Item:
 
     def tokens(self) -> frozenset[str]:
         """Lower-case words of the title and keywords (the hard-negative similarity)."""
-        words = re.findall(r"[a-z0-9]+", " ".join((self.title, *self.keywords)).lower())
-        return frozenset(w for w in words if len(w) > 1 and w not in _STOPWORDS)
+        return _words(" ".join((self.title, *self.keywords)))
+
+    def title_tokens(self) -> frozenset[str]:
+        return _words(self.title)
+
+
+def _words(text: str) -> frozenset[str]:
+    words = re.findall(r"[^\W_]+", text.lower())
+    return frozenset(w for w in words if len(w) > 1 and w not in _STOPWORDS)
 
 
 def normalise_space(text: str) -> str:
@@ -214,12 +221,16 @@ def seeded_rng(*parts: str) -> random.Random:
     return random.Random(hash_int(":".join(parts)))
 
 
-def hard_negatives(items: Sequence[Item], source: str) -> list[int]:
+def hard_negatives(items: Sequence[Item], source: str, skip_contained_titles: bool = False) -> list[int]:
     """For each item, the index of the most similar *other* item by keyword/title-word Jaccard overlap.
 
-    Ties go to the smaller key; an item sharing no word with any other gets a seeded random one.
+    With ``skip_contained_titles``, items whose title words contain the other's ("biohazard" / "Biohazard
+    symbol", "muffin" / "muffin (B and W)") are taken for the same thing drawn twice, not a negative, and passed
+    over (right for free-form clip-art titles, wrong for emoji, whose labels are distinct by design). Ties go
+    to the smaller key; an item with no candidate left gets a seeded random one.
     """
     tokens = [item.tokens() for item in items]
+    titles = [item.title_tokens() for item in items]
     postings: dict[str, list[int]] = defaultdict(list)
     for index, words in enumerate(tokens):
         for word in words:
@@ -233,6 +244,8 @@ def hard_negatives(items: Sequence[Item], source: str) -> list[int]:
                     shared[other] += 1
         best, best_score = -1, 0.0
         for other, count in shared.items():
+            if skip_contained_titles and (titles[index] <= titles[other] or titles[other] <= titles[index]):
+                continue
             score = count / len(words | tokens[other])
             if score > best_score or (score == best_score and best >= 0 and items[other].key < items[best].key):
                 best, best_score = other, score

@@ -27,6 +27,8 @@ NAME = "emoji"
 DATASOURCE = Path("emoji-datasource-google/package")
 EMOJIBASE = Path("emojibase-data/package")
 IMAGES = DATASOURCE / "img/google/64"
+# Hard negatives: does "Biohazard symbol" containing "biohazard" mean the same thing twice?
+CONTAINED_TITLES_ARE_DUPLICATES = False
 LICENSES = {
     "emoji-datasource-google": "MIT (package); the Google / Noto emoji images are Apache-2.0 (package README)",
     "emojibase-data": "MIT (package; labels and tags derived from Unicode CLDR, Unicode licence)",

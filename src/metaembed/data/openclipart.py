@@ -43,6 +43,8 @@ from metaembed.data.errors import FETCH_HINT, MissingRawDataError
 NAME = "openclipart"
 ROOT = Path("openclipart/usr/share/openclipart")
 CHANGELOG = Path("openclipart/usr/share/doc/openclipart-png/changelog.Debian.gz")
+# Hard negatives: does "Biohazard symbol" containing "biohazard" mean the same thing twice?
+CONTAINED_TITLES_ARE_DUPLICATES = True
 LICENSES = {
     "openclipart-png": "public domain (Creative Commons Public Domain Dedication; Debian copyright file)",
     "openclipart-svg": "public domain (Creative Commons Public Domain Dedication; Debian copyright file)",
