@@ -1,5 +1,5 @@
 # The two README commands: `make demo` (set up, run the main job) and `make test` (set up, run the tests).
-.PHONY: setup test test-all demo lint bench
+.PHONY: setup test test-all demo lint bench data
 
 setup:
 	@bash scripts/setup.sh
@@ -18,3 +18,10 @@ lint: setup
 
 bench: setup
 	.venv/bin/python benchmarks/maxsim_roofline.py
+
+# Real offline datasets: fetch the raw packages (apt / npm, pinned and checksummed) into data/raw, then build
+# data/openclipart and data/emoji (deterministic; see docs/data.md).
+data: setup
+	bash scripts/fetch_resources.sh
+	.venv/bin/metaembed data build openclipart
+	.venv/bin/metaembed data build emoji

@@ -1,0 +1,19 @@
+"""Errors and warnings of the dataset builders."""
+
+from __future__ import annotations
+
+from metaembed.errors import MetaEmbedError
+
+FETCH_HINT = "run scripts/fetch_resources.sh (or `make data`) to download the raw sources into data/raw"
+
+
+class DatasetError(MetaEmbedError, ValueError):
+    """A dataset that cannot be built: unknown source, missing or malformed raw files, too few items."""
+
+
+class MissingRawDataError(DatasetError, FileNotFoundError):
+    """A raw source file or folder that should have been fetched is absent."""
+
+
+class ImageSkippedWarning(UserWarning):
+    """A source image that could not be decoded (or is absurdly large) was left out of the dataset."""
