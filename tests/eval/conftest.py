@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -147,6 +148,8 @@ class TableEncoder:
     @staticmethod
     def key(item):
         image = item.get("image")
+        if isinstance(image, Image.Image):  # pages decoded from parquet bytes: key by content
+            return item.get("text"), f"pixels{image.getpixel((0, 0))}{image.size}"
         return item.get("text"), ("/".join(Path(image).parts[-2:]) if image is not None else None)
 
     def vectors(self, side, key):
@@ -171,3 +174,56 @@ class TableEncoder:
 @pytest.fixture
 def table_encoder():
     return TableEncoder
+
+
+def page(colour: tuple[int, int, int]) -> Image.Image:
+    return Image.new("RGB", (48, 64), colour)
+
+
+def vidore_tables(seed: int, n_pages: int, languages: list[str]):
+    """corpus / queries / qrels rows (graded 1-2, some queries without qrels)."""
+    import random
+
+    rng = random.Random(seed)
+    pages = [(f"{seed}-p{i}", (rng.randrange(256), rng.randrange(256), 17 * i % 256)) for i in range(n_pages)]
+    queries, qrels = [], []
+    for i, language in enumerate(languages):
+        queries.append({"query-id": f"{seed}-q{i}", "query": f"what is on page {i} ({language})", "language": language})
+        if i % 4 == 3:
+            continue  # a query without judgments is skipped
+        for doc, _ in rng.sample(pages, rng.randint(1, 3)):
+            qrels.append({"query-id": f"{seed}-q{i}", "corpus-id": doc, "score": rng.randint(1, 2)})
+    return pages, queries, qrels
+
+
+@pytest.fixture
+def vidore_data(tmp_path):
+    """Three BEIR datasets: two as jsonl with page files, one in the hub's parquet layout with image bytes."""
+    root = tmp_path / "vidore"
+    specs = {
+        "esg_reports_human_labeled_v2": (1, 7, ["eng"] * 5),
+        "esg_reports_v2": (2, 9, ["eng", "fra", "spa", "deu", "eng", "fra", "eng", "deu"]),
+        "economics_reports_v2": (3, 8, ["english", "french", "english", "german", "spanish", "english"]),
+    }
+    for name, (seed, n_pages, languages) in specs.items():
+        pages, queries, qrels = vidore_tables(seed, n_pages, languages)
+        folder = root / name
+        if name == "economics_reports_v2":
+            corpus = []
+            for doc, colour in pages:
+                buffer = io.BytesIO()
+                page(colour).save(buffer, format="PNG")
+                corpus.append({"corpus-id": doc, "image": {"bytes": buffer.getvalue(), "path": f"{doc}.png"}})
+            write_parquet(folder / "corpus" / "test-00000-of-00001.parquet", corpus)
+            write_parquet(folder / "queries" / "test-00000-of-00001.parquet", queries)
+            write_parquet(folder / "qrels" / "test-00000-of-00001.parquet", qrels)
+        else:
+            corpus = []
+            for doc, colour in pages:
+                (folder / "pages").mkdir(parents=True, exist_ok=True)
+                page(colour).save(folder / "pages" / f"{doc}.png")
+                corpus.append({"corpus-id": doc, "image": f"pages/{doc}.png"})
+            write_jsonl(folder / "corpus.jsonl", corpus)
+            write_jsonl(folder / "queries.jsonl", queries)
+            write_jsonl(folder / "qrels.jsonl", qrels)
+    return root
