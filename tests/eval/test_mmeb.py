@@ -183,3 +183,11 @@ def test_bad_data_is_rejected_before_any_encoding(mmeb_data, table_encoder, tmp_
     with pytest.raises(BudgetError):
         evaluate_mmeb(encoder, load_datasets(eval_dir, ["ToySet"]), budgets=["16x64"])
     assert encoder.calls == []
+
+
+def test_bf16_storage_scores_exactly_representable_vectors_identically(mmeb_data, table_encoder):
+    eval_dir, root, _ = mmeb_data
+    datasets = load_datasets(eval_dir, image_root=root)
+    full = evaluate_mmeb(table_encoder(), datasets)
+    half = evaluate_mmeb(table_encoder(), datasets, store_dtype=torch.bfloat16)  # k/8 values are exact in bf16
+    assert half.scores == full.scores

@@ -8,17 +8,28 @@ import pytrec_eval
 import torch
 from mteb.mocks.mock_tasks.classification import MockClassificationTask
 from mteb.mocks.mock_tasks.retrieval import MockAny2AnyRetrievalI2TTask, MockAny2AnyRetrievalT2ITask, MockRetrievalTask
+from mteb.mocks.mock_tasks.sts import MockSTSTask
+from mteb.mocks.mock_tasks.summarization import MockSummarizationTask
 
 from metaembed import Budget, maxsim
 from metaembed.errors import InputError, ShapeError
 from metaembed.eval.mteb_adapter import MetaEmbedMTEB
 
 
+@pytest.mark.slow
 def test_every_mock_task_for_text_and_image_passes(tiny_model):
     results = mteb.mock_run(MetaEmbedMTEB(tiny_model, "4x8", name="tiny"))
     ran = {name: status for name, status in results.items() if status is not None}
     assert len(ran) >= 40  # text and image tasks (audio / video are not our modalities)
     assert results.all_passed, results.to_markdown()
+
+
+def test_pooled_task_types_run_in_mteb(tiny_model):
+    """Classification / STS / summarization evaluators need one vector per item: the pooled path."""
+    tasks = [MockClassificationTask(), MockSTSTask(), MockSummarizationTask()]
+    results = mteb.evaluate(MetaEmbedMTEB(tiny_model, "2x4"), tasks, cache=None, show_progress_bar=False)
+    assert sorted(r.task_name for r in results.task_results) == sorted(t.metadata.name for t in tasks)
+    assert not results.exceptions
 
 
 @pytest.mark.parametrize("task_class", [MockRetrievalTask, MockAny2AnyRetrievalT2ITask, MockAny2AnyRetrievalI2TTask])

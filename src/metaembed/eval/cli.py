@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     mmeb.add_argument("--image-root", help="folder (or .zip) the image paths are relative to "
                       "(default: images.zip in --data, else --data)")  # fmt: skip
     mmeb.add_argument("--datasets", nargs="+", help="dataset names (default: all found)")
+    mmeb.add_argument("--store-dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="dtype the encoded candidates are kept in between encoding and scoring (bf16 halves "
+                      "memory; scores are computed in fp32 either way)")  # fmt: skip
     mmeb.set_defaults(func=run_mmeb)
 
     vidore = commands.add_parser("vidore", help="ViDoRe v2: full-corpus nDCG@5")
@@ -99,9 +102,12 @@ def run_mmeb(args: argparse.Namespace) -> int:
     budgets = _budgets(args)
     datasets = load_datasets(args.data, args.datasets, args.image_root)  # reads and checks data before the model
     model = _load_model(args)
+    import torch
+
     result = evaluate_mmeb(
-        model, datasets, budgets, batch_size=args.batch_size, model_name=args.model, progress=_progress
-    )
+        model, datasets, budgets, batch_size=args.batch_size, model_name=args.model, progress=_progress,
+        store_dtype=getattr(torch, args.store_dtype),
+    )  # fmt: skip
     return _finish(result, args, "mmeb")
 
 

@@ -271,6 +271,7 @@ def score_dataset(
     *,
     batch_size: int = 8,
     device: torch.device | str | None = None,
+    store_dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
 ) -> DatasetScores:
     """Encode the dataset's distinct queries and candidates once; gold ranks at every budget."""
@@ -294,12 +295,12 @@ def score_dataset(
     )
     if q.shape[2] != c.shape[2]:
         raise EvalDataError(f"query vectors have D = {q.shape[2]} but candidate vectors D = {c.shape[2]}")
-    device = torch.device(device) if device is not None else q.device
-    q, c = q.to(device), c.to(device)
+    device = torch.device(device) if device is not None else _device(encoder, q)
+    q, c = q.to(device, torch.float32), c.to(device, store_dtype)  # bf16 storage halves memory; scored in fp32
     ranks: dict[str, list[int]] = {str(b): [] for b in budgets}
     for key, keys in zip(dataset.queries, dataset.candidates, strict=True):
         index = torch.tensor([candidate_index[k] for k in keys], device=device)
-        scores = budget_scores(q[query_index[key]], c.index_select(0, index), budgets)  # gold is column 0
+        scores = budget_scores(q[query_index[key]], c.index_select(0, index).float(), budgets)  # gold is column 0
         if torch.isnan(scores).any():
             raise EvalDataError(f"{dataset.name}: the encoder produced NaN scores")
         gold_rank = (scores >= scores[:, :1]).sum(dim=1).tolist()  # a tie with the gold ranks above it
@@ -358,6 +359,7 @@ def evaluate_mmeb(
     batch_size: int = 8,
     model_name: str | None = None,
     device: torch.device | str | None = None,
+    store_dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Run the MMEB protocol on loaded datasets; one encoding pass per dataset, every budget scored."""
@@ -368,7 +370,9 @@ def evaluate_mmeb(
     per_dataset, scores, described, dim = {}, [], [], None
     encodes = {"query_encodes": 0, "candidate_encodes": 0, "naive_query_encodes": 0, "naive_candidate_encodes": 0}
     for dataset in datasets:
-        result = score_dataset(encoder, dataset, chosen, batch_size=batch_size, device=device, progress=progress)
+        result = score_dataset(
+            encoder, dataset, chosen, batch_size=batch_size, device=device, store_dtype=store_dtype, progress=progress
+        )
         per_dataset[dataset.name] = result.metrics
         for budget, values in result.metrics.items():
             for metric, value in values.items():
@@ -401,3 +405,9 @@ def evaluate_mmeb(
         groups=group_means(per_dataset, budget_names),
         encodes=encodes,
     )
+
+
+def _device(encoder: Any, embeddings: torch.Tensor) -> torch.device:
+    """Score where the model runs (a GPU scores much faster), else where the embeddings are."""
+    device = getattr(encoder, "device", None)
+    return device if isinstance(device, torch.device) else embeddings.device

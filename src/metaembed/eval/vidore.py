@@ -318,7 +318,9 @@ def score_task(
     queries = check_encoded(encoder.encode_queries(items, batch_size=batch_size), len(items), "query", budgets)
     if queries.shape[2] != pages.shape[2]:
         raise EvalDataError(f"query vectors have D = {queries.shape[2]} but page vectors D = {pages.shape[2]}")
-    device = torch.device(device) if device is not None else pages.device
+    if device is None:
+        device = getattr(encoder, "device", None)
+        device = device if isinstance(device, torch.device) else pages.device
     pages, queries = pages.to(device), queries.to(device)
     out = {}
     for budget in budgets:
