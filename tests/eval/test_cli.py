@@ -49,6 +49,12 @@ def test_mmeb_cli_on_the_tiny_model_matches_per_query_maxsim(checkpoint, mmeb_da
             assert result.value(name, budget) == sum(r == 1 for r in values) / len(values)
             assert result.value(name, budget, "mrr") == pytest.approx(sum(1 / r for r in values) / len(values))
             assert f"{100 * result.value(name, budget):.1f}" in printed
+    capsys.readouterr()
+    assert main(["eval", "mmeb", "--model", str(checkpoint), "--data", str(eval_dir), "--image-root", str(root),
+                 "--out", str(out), "--device", "cpu", "--label", "tiny"]) == 0  # fmt: skip
+    rerun = capsys.readouterr()
+    assert rerun.err.count("reusing the stored result") == 4 and "encoding" not in rerun.err
+    assert EvalResult.load(out / "mmeb.json").scores == result.scores
     overall = [result.group_value("overall", b) for b in result.budgets]
     assert overall == [pytest.approx(sum(result.value(n, b) for n in rows) / 4) for b in result.budgets]
 

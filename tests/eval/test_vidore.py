@@ -142,6 +142,9 @@ def test_bad_beir_data_is_rejected(vidore_data, tmp_path):
         )
     with pytest.raises(EvalDataError, match="does not exist"):
         build_dataset("x", "x", None, [{"corpus-id": 1, "image": "missing.png"}], [], [], image_root=tmp_path)
+    with pytest.raises(EvalDataError, match="repeats"):
+        build_dataset("x", "x", None, [{"corpus-id": 1, "image": {"bytes": b"x"}}],
+                      [{"query-id": 1, "query": "q"}, {"query-id": 1, "query": "r"}], [])  # fmt: skip
     with pytest.raises(EvalDataError, match="holds no BEIR"):
         resolve_tasks(tmp_path)
 

@@ -52,6 +52,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--label", help="name of this run in tables and plot legends (default: the model path)")
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="neither reuse nor write per-task results in --out/.partial "
+        "(default: a rerun reuses tasks whose model, budgets and data match)",
+    )
 
 
 def _load_model(args: argparse.Namespace):
@@ -76,6 +82,10 @@ def _check_batch(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def _resume_dir(args: argparse.Namespace, name: str) -> Path | None:
+    return None if not args.out or args.no_resume else Path(args.out) / ".partial" / name
 
 
 def _progress(message: str) -> None:
@@ -106,7 +116,7 @@ def run_mmeb(args: argparse.Namespace) -> int:
 
     result = evaluate_mmeb(
         model, datasets, budgets, batch_size=args.batch_size, model_name=args.model, progress=_progress,
-        store_dtype=getattr(torch, args.store_dtype),
+        store_dtype=getattr(torch, args.store_dtype), resume_dir=_resume_dir(args, "mmeb"),
     )  # fmt: skip
     return _finish(result, args, "mmeb")
 
@@ -119,7 +129,7 @@ def run_vidore(args: argparse.Namespace) -> int:
     tasks = resolve_tasks(args.data, args.tasks, args.languages)
     model = _load_model(args)
     result = evaluate_vidore(model, tasks, budgets, batch_size=args.batch_size, model_name=args.model,
-                             progress=_progress)  # fmt: skip
+                             progress=_progress, resume_dir=_resume_dir(args, "vidore"))  # fmt: skip
     return _finish(result, args, "vidore")
 
 

@@ -117,7 +117,12 @@ def hub_revision(repo_id: str) -> str | None:
     """The commit sha of a hub dataset (what the loaders fetched)."""
     from huggingface_hub import HfApi
 
-    return HfApi().dataset_info(repo_id).sha
+    try:
+        return HfApi().dataset_info(repo_id).sha
+    except Exception as error:  # offline, unknown repo, gated: the hub client raises many types
+        raise EvalDataError(
+            f"{repo_id!r} is not a local folder, and the hub could not serve it as a dataset: {error}"
+        ) from error
 
 
 def cache_dir() -> Path:
@@ -194,3 +199,50 @@ def read_records(path: Path) -> list[dict]:
                 rows.append(row)
         return rows
     raise EvalDataError(f"cannot read {path}: expected a .jsonl or .parquet file or a folder of parquet files")
+
+
+class ResumeStore:
+    """Per-task results saved as each task finishes; a rerun with the same model, budgets and data reuses them.
+
+    MMEB's 36 datasets take hours on a 7B model: an interrupted run restarts at the first unfinished
+    dataset. A stored task is reused only when the model description (name, path, weight fingerprint),
+    the budgets, the data source and the data revision all match; tasks without a revision are never reused.
+    """
+
+    def __init__(self, directory: str | Path, benchmark: str, model: dict, budgets: Sequence[str]) -> None:
+        self.directory = Path(directory)
+        self.identity = {"benchmark": benchmark, "model": model, "budgets": list(budgets)}
+
+    def _path(self, name: str) -> Path:
+        safe = re.sub(r"[^\w.-]", "_", name)
+        return self.directory / f"{safe}.json"
+
+    def load(self, name: str, source: str, revision: str | None) -> dict | None:
+        import json
+
+        path = self._path(name)
+        if revision is None or not path.is_file():
+            return None
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # a partial file from a killed run: recompute this task
+        key = {**self.identity, "task": name, "source": source, "revision": revision}
+        return stored.get("payload") if stored.get("key") == key else None
+
+    def save(self, name: str, source: str, revision: str | None, payload: dict) -> None:
+        import json
+
+        if revision is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        key = {**self.identity, "task": name, "source": source, "revision": revision}
+        target = self._path(name)
+        handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.directory)
+        try:
+            with os.fdopen(handle, "w") as stream:
+                json.dump({"key": key, "payload": payload}, stream)
+            os.replace(staging, target)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 from metaembed.budget import Budget
 from metaembed.eval.common import (
     EvalDataError,
+    ResumeStore,
     check_encoded,
     describe_model,
     extract_zip,
@@ -361,18 +362,34 @@ def evaluate_mmeb(
     device: torch.device | str | None = None,
     store_dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
+    resume_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Run the MMEB protocol on loaded datasets; one encoding pass per dataset, every budget scored."""
+    """Run the MMEB protocol on loaded datasets; one encoding pass per dataset, every budget scored.
+
+    With ``resume_dir`` each finished dataset is saved there and a rerun with the same model, budgets and
+    data reuses it (see :class:`~metaembed.eval.common.ResumeStore`).
+    """
     chosen = select_budgets(encoder, budgets)
+    model_info = describe_model(encoder, model_name)
+    store = ResumeStore(resume_dir, "mmeb", model_info, [str(b) for b in chosen]) if resume_dir else None
     names = [d.name for d in datasets]
     if len(set(names)) != len(names):
         raise EvalDataError(f"dataset names repeat: {names}")
     per_dataset, scores, described, dim = {}, [], [], None
     encodes = {"query_encodes": 0, "candidate_encodes": 0, "naive_query_encodes": 0, "naive_candidate_encodes": 0}
     for dataset in datasets:
-        result = score_dataset(
-            encoder, dataset, chosen, batch_size=batch_size, device=device, store_dtype=store_dtype, progress=progress
-        )
+        stored = store.load(dataset.name, dataset.source, dataset.revision) if store else None
+        if stored is not None:
+            result = DatasetScores(**stored)
+            if progress:
+                progress(f"{dataset.name}: reusing the stored result from {store.directory}")
+        else:
+            result = score_dataset(
+                encoder, dataset, chosen, batch_size=batch_size, device=device, store_dtype=store_dtype,
+                progress=progress,
+            )  # fmt: skip
+            if store:
+                store.save(dataset.name, dataset.source, dataset.revision, asdict(result))
         per_dataset[dataset.name] = result.metrics
         for budget, values in result.metrics.items():
             for metric, value in values.items():
@@ -396,7 +413,7 @@ def evaluate_mmeb(
     budget_names = [str(b) for b in chosen]
     return EvalResult(
         benchmark="mmeb",
-        model=describe_model(encoder, model_name),
+        model=model_info,
         main_metric=MAIN_METRIC,
         budgets=budget_names,
         embedding_dim=int(dim or 0),

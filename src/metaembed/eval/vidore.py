@@ -27,6 +27,7 @@ import torch
 from metaembed.budget import Budget
 from metaembed.eval.common import (
     EvalDataError,
+    ResumeStore,
     check_encoded,
     describe_model,
     fingerprint,
@@ -130,12 +131,15 @@ def build_dataset(
     if len(set(corpus_ids)) != len(corpus_ids):
         raise EvalDataError(f"{source}: corpus ids repeat; each page needs a unique corpus-id")
     wanted = {normalise_language(lang) for lang in languages} if languages else None
-    query_ids, texts = [], []
+    query_ids, texts, seen = [], [], set()
     for number, row in enumerate(queries):
         if "query-id" not in row or "query" not in row:
             raise EvalDataError(f"{source} queries row {number}: needs 'query-id' and 'query', has {sorted(row)}")
         if wanted is not None and normalise_language(row.get("language", "eng")) not in wanted:
             continue
+        if str(row["query-id"]) in seen:
+            raise EvalDataError(f"{source} queries row {number}: query-id {row['query-id']!r} repeats")
+        seen.add(str(row["query-id"]))
         query_ids.append(str(row["query-id"]))
         texts.append(str(row["query"]))
     judged: dict[str, dict[str, int]] = {}
@@ -270,8 +274,8 @@ def _load_task_from_hub(task: VidoreTask) -> BeirDataset:
 
     try:
         return load_hub(task.dataset_id, task.name, task.languages)
-    except RepositoryNotFoundError:
-        if task.fallback_id is None:
+    except EvalDataError as error:
+        if task.fallback_id is None or not isinstance(error.__cause__, RepositoryNotFoundError):
             raise
         return load_hub(task.fallback_id, task.name, task.languages)
 
@@ -342,9 +346,15 @@ def evaluate_vidore(
     model_name: str | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[str], None] | None = None,
+    resume_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Run full-corpus retrieval on loaded tasks at every budget from one encoding pass per task."""
+    """Run full-corpus retrieval on loaded tasks at every budget from one encoding pass per task.
+
+    ``resume_dir``: finished tasks are saved there and reused by a rerun with the same model, budgets, data.
+    """
     chosen = select_budgets(encoder, budgets)
+    model_info = describe_model(encoder, model_name)
+    store = ResumeStore(resume_dir, "vidore", model_info, [str(b) for b in chosen]) if resume_dir else None
     names = [d.name for d in datasets]
     if len(set(names)) != len(names):
         raise EvalDataError(f"task names repeat: {names}")
@@ -352,7 +362,15 @@ def evaluate_vidore(
     per_task, scores, described, dim = {}, [], [], 0
     encodes = {"query_encodes": 0, "candidate_encodes": 0, "naive_query_encodes": 0, "naive_candidate_encodes": 0}
     for dataset in datasets:
-        values, dim = score_task(encoder, dataset, chosen, batch_size=batch_size, device=device, progress=progress)
+        stored = store.load(dataset.name, dataset.source, dataset.revision) if store else None
+        if stored is not None:
+            values, dim = stored["values"], stored["dim"]
+            if progress:
+                progress(f"{dataset.name}: reusing the stored result from {store.directory}")
+        else:
+            values, dim = score_task(encoder, dataset, chosen, batch_size=batch_size, device=device, progress=progress)
+            if store:
+                store.save(dataset.name, dataset.source, dataset.revision, {"values": values, "dim": dim})
         per_task[dataset.name] = values
         for budget, metrics in values.items():
             for metric, value in metrics.items():
@@ -385,7 +403,7 @@ def evaluate_vidore(
     ]  # fmt: skip
     return EvalResult(
         benchmark="vidore",
-        model=describe_model(encoder, model_name),
+        model=model_info,
         main_metric=MAIN_METRIC,
         budgets=budget_names,
         embedding_dim=dim,
