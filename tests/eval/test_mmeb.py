@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metaembed import Budget, BudgetError, maxsim
 from metaembed.eval.common import EvalDataError
@@ -191,3 +193,19 @@ def test_bf16_storage_scores_exactly_representable_vectors_identically(mmeb_data
     full = evaluate_mmeb(table_encoder(), datasets)
     half = evaluate_mmeb(table_encoder(), datasets, store_dtype=torch.bfloat16)  # k/8 values are exact in bf16
     assert half.scores == full.scores
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    r_q=st.integers(1, 6), r_c=st.integers(1, 9), n=st.integers(1, 7), dim=st.integers(1, 5),
+    picks=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 9)), min_size=1, max_size=5), seed=st.integers(0, 99),
+)  # fmt: skip
+def test_budget_scores_property(r_q, r_c, n, dim, picks, seed):
+    budgets = [Budget(min(a, r_q), min(b, r_c)) for a, b in picks]
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(r_q, dim, generator=gen, dtype=torch.float64)
+    candidates = torch.randn(n, r_c, dim, generator=gen, dtype=torch.float64)
+    got = budget_scores(query, candidates, budgets)
+    assert got.shape == (len(budgets), n)
+    for row, budget in enumerate(budgets):
+        torch.testing.assert_close(got[row], maxsim(query[None], candidates, budget)[0], rtol=0, atol=1e-12)
