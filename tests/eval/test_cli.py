@@ -139,3 +139,12 @@ def test_budgets_that_do_not_fit_fail_before_encoding(checkpoint, mmeb_data, cap
                  "--budgets", "32x64", "--device", "cpu"])  # fmt: skip
     assert code == 2
     assert "32x64" in capsys.readouterr().err
+
+
+def test_plot_legend_labels_stay_apart_for_equal_model_names(tmp_path):
+    from metaembed.eval.report import _unique_labels
+
+    a = _fake_result("tiny", ["1x1"], [0.5], tmp_path / "mmr" / "mmeb.json")
+    b = _fake_result("tiny", ["1x1"], [0.4], tmp_path / "nommr" / "mmeb.json")
+    loaded = [EvalResult.load(a), EvalResult.load(b)]
+    assert _unique_labels(loaded, [a, b]) == ["tiny (mmr/mmeb)", "tiny (nommr/mmeb)"]

@@ -8,7 +8,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -231,18 +231,28 @@ class ResumeStore:
         return stored.get("payload") if stored.get("key") == key else None
 
     def save(self, name: str, source: str, revision: str | None, payload: dict) -> None:
-        import json
+        from metaembed.eval.report import write_json_atomic
 
-        if revision is None:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        key = {**self.identity, "task": name, "source": source, "revision": revision}
-        target = self._path(name)
-        handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.directory)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump({"key": key, "payload": payload}, stream)
-            os.replace(staging, target)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+        if revision is not None:
+            key = {**self.identity, "task": name, "source": source, "revision": revision}
+            write_json_atomic(self._path(name), {"key": key, "payload": payload})
+
+
+def run_or_reuse(
+    store: ResumeStore | None,
+    name: str,
+    source: str,
+    revision: str | None,
+    compute: Callable[[], dict],
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """A task's stored payload when the store holds a matching one, else ``compute()`` (then stored)."""
+    stored = store.load(name, source, revision) if store else None
+    if stored is not None:
+        if progress:
+            progress(f"{name}: reusing the stored result from {store.directory}")
+        return stored
+    payload = compute()
+    if store:
+        store.save(name, source, revision, payload)
+    return payload

@@ -102,15 +102,25 @@ def pessimistic_rank(scores: np.ndarray | Sequence[float], gold: int = 0) -> int
 # ------------------------------------------------------------------------------------ run / qrels
 def trec_order(doc_ids: Sequence[str], scores: Sequence[float] | np.ndarray) -> list[int]:
     """Indices of ``doc_ids`` in ranking order: score descending, ties by id descending (trec_eval)."""
+    values = _finite(scores, (len(doc_ids),))
+    return np.lexsort((_descending_id_rank(doc_ids), -values)).tolist()
+
+
+def _finite(scores: Sequence[float] | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     values = np.asarray(scores, dtype=np.float64)
-    if values.shape != (len(doc_ids),):
-        raise MetricError(f"{len(doc_ids)} document ids but scores of shape {values.shape}")
+    if values.shape != shape:
+        raise MetricError(f"scores have shape {values.shape}, expected {shape} (one per query and document)")
     if np.isnan(values).any():
         raise MetricError("scores contain NaN; a ranking needs finite scores")
+    return values
+
+
+def _descending_id_rank(doc_ids: Sequence[str]) -> np.ndarray:
+    """Position of each id in descending id order: the secondary sort key of trec_eval."""
     by_id = sorted(range(len(doc_ids)), key=lambda i: doc_ids[i], reverse=True)
-    id_rank = np.empty(len(doc_ids), dtype=np.int64)
-    id_rank[by_id] = np.arange(len(doc_ids))
-    return np.lexsort((id_rank, -values)).tolist()
+    rank = np.empty(len(doc_ids), dtype=np.int64)
+    rank[by_id] = np.arange(len(doc_ids))
+    return rank
 
 
 def measure_ranking(
@@ -164,14 +174,8 @@ def evaluate_dense(
     relevance_level: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Per-query measures of a full score matrix ``(n_queries, n_docs)``: every document is retrieved."""
-    values = np.asarray(scores, dtype=np.float64)
-    if values.shape != (len(query_ids), len(doc_ids)):
-        raise MetricError(f"scores have shape {values.shape}, expected ({len(query_ids)}, {len(doc_ids)})")
-    if np.isnan(values).any():
-        raise MetricError("scores contain NaN; a ranking needs finite scores")
-    by_id = sorted(range(len(doc_ids)), key=lambda i: doc_ids[i], reverse=True)
-    id_rank = np.empty(len(doc_ids), dtype=np.int64)
-    id_rank[by_id] = np.arange(len(doc_ids))
+    values = _finite(scores, (len(query_ids), len(doc_ids)))
+    id_rank = _descending_id_rank(doc_ids)
     out = {}
     for row, query_id in enumerate(query_ids):
         if query_id not in qrels:

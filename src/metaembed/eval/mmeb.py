@@ -42,6 +42,7 @@ from metaembed.eval.common import (
     image_root_for,
     is_hub_id,
     read_records,
+    run_or_reuse,
     select_budgets,
 )
 from metaembed.eval.report import EvalResult, mean
@@ -378,18 +379,12 @@ def evaluate_mmeb(
     per_dataset, scores, described, dim = {}, [], [], None
     encodes = {"query_encodes": 0, "candidate_encodes": 0, "naive_query_encodes": 0, "naive_candidate_encodes": 0}
     for dataset in datasets:
-        stored = store.load(dataset.name, dataset.source, dataset.revision) if store else None
-        if stored is not None:
-            result = DatasetScores(**stored)
-            if progress:
-                progress(f"{dataset.name}: reusing the stored result from {store.directory}")
-        else:
-            result = score_dataset(
-                encoder, dataset, chosen, batch_size=batch_size, device=device, store_dtype=store_dtype,
-                progress=progress,
-            )  # fmt: skip
-            if store:
-                store.save(dataset.name, dataset.source, dataset.revision, asdict(result))
+
+        def compute(dataset=dataset) -> dict:
+            return asdict(score_dataset(encoder, dataset, chosen, batch_size=batch_size, device=device,
+                                        store_dtype=store_dtype, progress=progress))  # fmt: skip
+
+        result = DatasetScores(**run_or_reuse(store, dataset.name, dataset.source, dataset.revision, compute, progress))
         per_dataset[dataset.name] = result.metrics
         for budget, values in result.metrics.items():
             for metric, value in values.items():

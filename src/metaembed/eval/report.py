@@ -82,18 +82,7 @@ class EvalResult:
 
     def to_json(self, path: str | Path) -> Path:
         """Write the result atomically (a temporary file renamed into place)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(self.to_dict(), stream, indent=2)
-                stream.write("\n")
-            os.replace(staging, target)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
-        return target
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
@@ -139,6 +128,22 @@ class EvalResult:
             cells = [_pct(self.value(dataset["name"], b), digits) for b in self.budgets]
             lines.append("| " + " | ".join(meta + cells) + " |")
         return "\n".join(lines) + "\n"
+
+
+def write_json_atomic(path: str | Path, data: object) -> Path:
+    """Write JSON to a temporary file beside ``path`` and rename it in: never a half-written file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=2)
+            stream.write("\n")
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def _find(rows: list[dict], key: str, name: str, budget: str, metric: str) -> float:
@@ -223,6 +228,8 @@ def _unique_labels(loaded: Sequence[EvalResult], sources: Sequence) -> list[str]
     if len(set(labels)) == len(labels):
         return labels
     return [
-        f"{label} ({Path(str(s)).stem})" if not isinstance(s, EvalResult) else f"{label} #{i}"
+        f"{label} ({Path(str(s)).parent.name}/{Path(str(s)).stem})"
+        if not isinstance(s, EvalResult)
+        else f"{label} #{i}"
         for i, (label, s) in enumerate(zip(labels, sources, strict=True))
     ]
