@@ -209,3 +209,10 @@ def test_budget_scores_property(r_q, r_c, n, dim, picks, seed):
     assert got.shape == (len(budgets), n)
     for row, budget in enumerate(budgets):
         torch.testing.assert_close(got[row], maxsim(query[None], candidates, budget)[0], rtol=0, atol=1e-12)
+
+
+def test_a_source_folder_with_an_eval_subfolder_is_read_with_images_beside_it(mmeb_data, table_encoder):
+    eval_dir, root, _ = mmeb_data
+    direct = evaluate_mmeb(table_encoder(), load_datasets(eval_dir, image_root=root))
+    via_source = evaluate_mmeb(table_encoder(), load_datasets(root))  # data/<source>/ itself
+    assert via_source.scores == direct.scores

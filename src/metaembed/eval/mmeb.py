@@ -163,22 +163,31 @@ def _key(text: Any, image: Any, at: str) -> ItemKey:
 
 
 def list_local_datasets(directory: Path) -> list[str]:
-    """Dataset names in a folder: ``<name>.jsonl`` files and sub-folders holding parquet files."""
+    """Dataset names in a folder: ``<name>.jsonl`` files and sub-folders with parquet files directly inside."""
     names = {p.stem for p in directory.glob("*.jsonl")}
-    names |= {p.name for p in directory.iterdir() if p.is_dir() and any(p.rglob("*.parquet"))}
+    names |= {p.name for p in directory.iterdir() if p.is_dir() and any(p.glob("*.parquet"))}
     return sorted(names)
 
 
 def load_datasets(
     source: str | Path, names: Sequence[str] | None = None, image_root: str | Path | None = None
 ) -> list[MMEBDataset]:
-    """Read datasets from a local folder or a hub id (all found ones when ``names`` is None)."""
+    """Read datasets from a local folder or a hub id (all found ones when ``names`` is None).
+
+    A folder without datasets but with an ``eval/`` sub-folder that has them is a data builder's source
+    folder (``data/<source>/eval/<task>.jsonl``): its datasets are read, with images relative to the folder.
+    """
     if is_hub_id(source):
         return _load_hub(str(source), names, image_root)
     directory = Path(source)
     if not directory.is_dir():
         raise EvalDataError(f"MMEB data {str(source)!r} is neither a folder nor a hub id 'owner/name'")
     available = list_local_datasets(directory)
+    if not available and (directory / "eval").is_dir():
+        # a data builder's source folder: data/<source>/eval/<task>.jsonl, image paths relative to data/<source>/
+        image_root = directory if image_root is None else image_root
+        directory = directory / "eval"
+        available = list_local_datasets(directory)
     wanted = list(names) if names else available
     missing = [n for n in wanted if n not in available]
     if missing:
