@@ -1,0 +1,434 @@
+"""MMEB (VLM2Vec's 36 datasets) at every budget: Precision@1 of each query over its own candidate list.
+
+Data: the ``TIGER-Lab/MMEB-eval`` schema, one record per query — ``qry_text``, ``qry_img_path``,
+``tgt_text`` (list), ``tgt_img_path`` (list), the gold candidate first. A source is a local folder with
+``<dataset>.jsonl`` or ``<dataset>/*.parquet`` per dataset (the hub layout), or a hub id. Image paths are
+relative to an image root: ``--image-root``, else an ``images.zip`` in the folder (extracted once into
+the cache), else the folder itself.
+
+Protocol, and where it deliberately differs from a naive reading:
+
+* each query is ranked only among its own candidates;
+* a candidate is the pair (text, image path); one repeated within a list counts once (the official
+  BEIR repackaging keeps one corpus id per distinct item), so a repeat of the gold *is* the gold;
+* **ties never favour the gold**: the gold's rank is 1 + the number of other candidates scoring
+  greater than **or equal to** it (VLM2Vec's ``argmax`` would give index 0, the gold, every tie);
+* every distinct query and candidate of a dataset is encoded **once**, with all vectors; every budget is
+  scored from that pass: one similarity block per query, then a running max over candidate vectors and
+  a running sum over query vectors give the score at every ``(r_q, r_c)`` at once;
+* overall, category and IND / OOD scores are plain means over datasets; a dataset outside the 36 is
+  reported in category "Other" (split "n/a") and counts in the overall only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaembed.budget import Budget
+from metaembed.eval.common import (
+    EvalDataError,
+    ResumeStore,
+    check_encoded,
+    describe_model,
+    extract_zip,
+    fingerprint,
+    hub_revision,
+    image_root_for,
+    is_hub_id,
+    read_records,
+    run_or_reuse,
+    select_budgets,
+)
+from metaembed.eval.report import EvalResult, mean
+
+logger = logging.getLogger(__name__)
+
+CATEGORIES = ("Classification", "VQA", "Retrieval", "Visual Grounding")
+OTHER = "Other"
+HUB_ID = "TIGER-Lab/MMEB-eval"
+MEASURES = ("precision_at_1", "hit_at_5", "mrr")
+MAIN_METRIC = "precision_at_1"
+
+_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "Classification": (
+        ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397"),
+        ("Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211"),
+    ),
+    "VQA": (
+        ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W"),
+        ("ScienceQA", "VizWiz", "GQA", "TextVQA"),
+    ),
+    "Retrieval": (
+        ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS", "WebQA"),
+        ("FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS"),
+    ),
+    "Visual Grounding": (("MSCOCO",), ("Visual7W-Pointing", "RefCOCO", "RefCOCO-Matching")),
+}
+MMEB_DATASETS: dict[str, tuple[str, str]] = {
+    name: (category, split)
+    for category, (ind, ood) in _GROUPS.items()
+    for split, names in (("IND", ind), ("OOD", ood))
+    for name in names
+}
+"""The 36 datasets: name → (category, "IND" | "OOD")."""
+
+ItemKey = tuple[str | None, str | None]  # (text, image path relative to the image root)
+
+
+@dataclass
+class MMEBDataset:
+    """One dataset's queries, each with its own candidate keys (gold first, repeats removed)."""
+
+    name: str
+    source: str
+    revision: str | None
+    image_root: Path | None
+    queries: list[ItemKey]
+    candidates: list[list[ItemKey]]
+
+    @property
+    def category(self) -> str:
+        return MMEB_DATASETS.get(self.name, (OTHER, "n/a"))[0]
+
+    @property
+    def split(self) -> str:
+        return MMEB_DATASETS.get(self.name, (OTHER, "n/a"))[1]
+
+
+@dataclass
+class DatasetScores:
+    """Per-query gold ranks at each budget, the metrics derived from them, and the encode counts."""
+
+    name: str
+    ranks: dict[str, list[int]]
+    num_queries: int
+    distinct_queries: int
+    distinct_candidates: int
+    candidate_slots: int
+    dim: int
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- data
+def parse_records(rows: Sequence[dict], where: str) -> tuple[list[ItemKey], list[list[ItemKey]]]:
+    """Query keys and per-query candidate keys (gold first, duplicates dropped) from MMEB records."""
+    queries, candidates = [], []
+    for number, row in enumerate(rows):
+        at = f"{where} record {number}"
+        for key in ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"):
+            if key not in row:
+                raise EvalDataError(
+                    f"{at}: missing field {key!r} (MMEB-eval records have qry_text, "
+                    "qry_img_path, tgt_text [list], tgt_img_path [list])"
+                )
+        queries.append(_key(row["qry_text"], row["qry_img_path"], at + " query"))
+        texts, images = _as_list(row["tgt_text"], at, "tgt_text"), _as_list(row["tgt_img_path"], at, "tgt_img_path")
+        if not texts and not images:
+            raise EvalDataError(f"{at}: empty candidate list; the gold candidate must come first")
+        if texts and images and len(texts) != len(images):
+            raise EvalDataError(
+                f"{at}: tgt_text has {len(texts)} entries but tgt_img_path {len(images)}; "
+                "they must pair up (use empty strings for a missing side)"
+            )
+        count = max(len(texts), len(images))
+        texts, images = texts or [None] * count, images or [None] * count
+        keys = [_key(t, i, f"{at} candidate {j}") for j, (t, i) in enumerate(zip(texts, images, strict=True))]
+        candidates.append(list(dict.fromkeys(keys)))
+    return queries, candidates
+
+
+def _as_list(value: Any, at: str, field_name: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise EvalDataError(f"{at}: {field_name} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _key(text: Any, image: Any, at: str) -> ItemKey:
+    for name, value in (("text", text), ("image path", image)):
+        if value is not None and not isinstance(value, str):
+            raise EvalDataError(f"{at}: {name} must be a string or null, got {type(value).__name__}")
+    text = text if text and text.strip() else None
+    image = image if image and image.strip() else None
+    if text is None and image is None:
+        raise EvalDataError(f"{at}: has neither text nor an image path")
+    return text, image
+
+
+def list_local_datasets(directory: Path) -> list[str]:
+    """Dataset names in a folder: ``<name>.jsonl`` files and sub-folders with parquet files directly inside."""
+    names = {p.stem for p in directory.glob("*.jsonl")}
+    names |= {p.name for p in directory.iterdir() if p.is_dir() and any(p.glob("*.parquet"))}
+    return sorted(names)
+
+
+def load_datasets(
+    source: str | Path, names: Sequence[str] | None = None, image_root: str | Path | None = None
+) -> list[MMEBDataset]:
+    """Read datasets from a local folder or a hub id (all found ones when ``names`` is None).
+
+    A folder without datasets but with an ``eval/`` sub-folder that has them is a data builder's source
+    folder (``data/<source>/eval/<task>.jsonl``): its datasets are read, with images relative to the folder.
+    """
+    if is_hub_id(source):
+        return _load_hub(str(source), names, image_root)
+    directory = Path(source)
+    if not directory.is_dir():
+        raise EvalDataError(f"MMEB data {str(source)!r} is neither a folder nor a hub id 'owner/name'")
+    available = list_local_datasets(directory)
+    if not available and (directory / "eval").is_dir():
+        # a data builder's source folder: data/<source>/eval/<task>.jsonl, image paths relative to data/<source>/
+        image_root = directory if image_root is None else image_root
+        directory = directory / "eval"
+        available = list_local_datasets(directory)
+    wanted = list(names) if names else available
+    missing = [n for n in wanted if n not in available]
+    if missing:
+        raise EvalDataError(
+            f"{directory}: no data for {missing}; available: {available or 'none'} "
+            "(expected <dataset>.jsonl or <dataset>/*.parquet)"
+        )
+    if not wanted:
+        raise EvalDataError(f"{directory} holds no MMEB datasets (<dataset>.jsonl or <dataset>/*.parquet)")
+    root = _image_root(directory, image_root)
+    out = []
+    for name in wanted:
+        path = directory / f"{name}.jsonl"
+        path = path if path.is_file() else directory / name
+        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        queries, candidates = parse_records(read_records(path), f"{path}")
+        out.append(MMEBDataset(name, str(path), fingerprint(files), root, queries, candidates))
+    _resolve_images(out)
+    return out
+
+
+def _image_root(directory: Path, image_root: str | Path | None) -> Path:
+    if image_root is not None:
+        root = Path(image_root)
+        if root.is_file() and root.suffix == ".zip":
+            return extract_zip(root)
+        if not root.is_dir():
+            raise EvalDataError(f"image root {str(root)!r} is not a folder or a .zip archive")
+        return root
+    archive = directory / "images.zip"
+    return extract_zip(archive) if archive.is_file() else directory
+
+
+def _resolve_images(datasets: Sequence[MMEBDataset]) -> None:
+    """Pick the image folder (an archive may wrap images in a top folder); fail early on missing files."""
+    for dataset in datasets:
+        paths = sorted({k[1] for k in dataset.queries if k[1]} | {k[1] for c in dataset.candidates for k in c if k[1]})
+        if not paths:
+            continue
+        assert dataset.image_root is not None
+        dataset.image_root = image_root_for(paths, dataset.image_root)
+        absent = [p for p in paths if not (dataset.image_root / p).is_file()]
+        if absent:
+            raise EvalDataError(
+                f"{dataset.name}: {len(absent)} of {len(paths)} images are missing under "
+                f"{dataset.image_root}, e.g. {absent[:3]}; pass --image-root"
+            )
+
+
+def _load_hub(repo: str, names: Sequence[str] | None, image_root: str | Path | None) -> list[MMEBDataset]:
+    from datasets import load_dataset
+    from huggingface_hub import hf_hub_download
+
+    wanted = list(names) if names else list(MMEB_DATASETS)
+    revision = hub_revision(repo)
+    if image_root is not None:
+        root = _image_root(Path("."), image_root)
+    else:
+        root = extract_zip(Path(hf_hub_download(repo, "images.zip", repo_type="dataset", revision=revision)))
+    out = []
+    for name in wanted:
+        rows = load_dataset(repo, name, split="test", revision=revision)
+        queries, candidates = parse_records(list(rows), f"{repo}/{name}")
+        out.append(MMEBDataset(name, f"{repo}/{name}", revision, root, queries, candidates))
+    _resolve_images(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- scoring
+def _items(keys: Sequence[ItemKey], root: Path | None) -> list[dict]:
+    return [{"text": t, "image": (root / i) if (i and root is not None) else i} for t, i in keys]
+
+
+def budget_scores(query: torch.Tensor, candidates: torch.Tensor, budgets: Sequence[Budget]) -> torch.Tensor:
+    """``(n_budgets, N)`` MaxSim scores of one query ``(R_q, D)`` against ``(N, R_c, D)`` at every budget.
+
+    One similarity block ``(N, R_q, R_c)``; a running max over candidate vectors and a running sum over
+    query vectors hold the score of every prefix pair, from which each budget picks its entry.
+    """
+    sims = torch.einsum("id,njd->nij", query, candidates)
+    columns = torch.tensor([b.r_c - 1 for b in budgets], device=sims.device)
+    best = sims.cummax(dim=2).values.index_select(2, columns)  # (N, R_q, n_budgets): max over j < r_c
+    running = best.cumsum(dim=1)  # sum over i < r_q
+    rows = torch.tensor([b.r_q - 1 for b in budgets], device=sims.device)
+    return running[:, rows, torch.arange(len(budgets), device=sims.device)].T
+
+
+def score_dataset(
+    encoder: Any,
+    dataset: MMEBDataset,
+    budgets: Sequence[Budget],
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    store_dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = None,
+) -> DatasetScores:
+    """Encode the dataset's distinct queries and candidates once; gold ranks at every budget."""
+    query_keys = list(dict.fromkeys(dataset.queries))
+    candidate_keys = list(dict.fromkeys(k for c in dataset.candidates for k in c))
+    query_index = {k: i for i, k in enumerate(query_keys)}
+    candidate_index = {k: i for i, k in enumerate(candidate_keys)}
+    if progress:
+        progress(f"{dataset.name}: encoding {len(query_keys)} queries and {len(candidate_keys)} candidates once")
+    q = check_encoded(
+        encoder.encode_queries(_items(query_keys, dataset.image_root), batch_size=batch_size),
+        len(query_keys),
+        "query",
+        budgets,
+    )
+    c = check_encoded(
+        encoder.encode_candidates(_items(candidate_keys, dataset.image_root), batch_size=batch_size),
+        len(candidate_keys),
+        "candidate",
+        budgets,
+    )
+    if q.shape[2] != c.shape[2]:
+        raise EvalDataError(f"query vectors have D = {q.shape[2]} but candidate vectors D = {c.shape[2]}")
+    device = torch.device(device) if device is not None else _device(encoder, q)
+    q, c = q.to(device, torch.float32), c.to(device, store_dtype)  # bf16 storage halves memory; scored in fp32
+    ranks: dict[str, list[int]] = {str(b): [] for b in budgets}
+    for key, keys in zip(dataset.queries, dataset.candidates, strict=True):
+        index = torch.tensor([candidate_index[k] for k in keys], device=device)
+        scores = budget_scores(q[query_index[key]], c.index_select(0, index).float(), budgets)  # gold is column 0
+        if torch.isnan(scores).any():
+            raise EvalDataError(f"{dataset.name}: the encoder produced NaN scores")
+        gold_rank = (scores >= scores[:, :1]).sum(dim=1).tolist()  # a tie with the gold ranks above it
+        for budget, rank in zip(budgets, gold_rank, strict=True):
+            ranks[str(budget)].append(int(rank))
+    result = DatasetScores(
+        name=dataset.name,
+        ranks=ranks,
+        num_queries=len(dataset.queries),
+        distinct_queries=len(query_keys),
+        distinct_candidates=len(candidate_keys),
+        candidate_slots=sum(len(c) for c in dataset.candidates),
+        dim=int(q.shape[2]),
+    )
+    result.metrics = {budget: metrics_from_ranks(r) for budget, r in ranks.items()}
+    return result
+
+
+def metrics_from_ranks(ranks: Sequence[int]) -> dict[str, float]:
+    """Precision@1 (= hit@1), hit@5 and MRR from gold ranks (1 = first)."""
+    if not ranks:
+        raise EvalDataError("no queries to score")
+    n = len(ranks)
+    return {
+        "precision_at_1": sum(r == 1 for r in ranks) / n,
+        "hit_at_5": sum(r <= 5 for r in ranks) / n,
+        "mrr": sum(1.0 / r for r in ranks) / n,
+    }
+
+
+def group_means(per_dataset: dict[str, dict[str, dict[str, float]]], budgets: Sequence[str]) -> list[dict]:
+    """Category, IND / OOD and overall means (plain means over the datasets present)."""
+    membership: dict[str, list[str]] = {"overall": list(per_dataset)}
+    for category in (*CATEGORIES, OTHER):
+        members = [n for n in per_dataset if MMEB_DATASETS.get(n, (OTHER, ""))[0] == category]
+        if members:
+            membership[category] = members
+    for split in ("IND", "OOD"):
+        members = [n for n in per_dataset if MMEB_DATASETS.get(n, ("", "n/a"))[1] == split]
+        if members:
+            membership[split] = members
+    rows = []
+    for group, members in membership.items():
+        for budget in budgets:
+            for metric in MEASURES:
+                values = [per_dataset[n][budget][metric] for n in members]
+                rows.append(dict(group=group, budget=budget, metric=metric, value=mean(values), num_tasks=len(members)))
+    return rows
+
+
+def evaluate_mmeb(
+    encoder: Any,
+    datasets: Sequence[MMEBDataset],
+    budgets: Sequence[Budget | str] | None = None,
+    *,
+    batch_size: int = 8,
+    model_name: str | None = None,
+    device: torch.device | str | None = None,
+    store_dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = None,
+    resume_dir: str | Path | None = None,
+) -> EvalResult:
+    """Run the MMEB protocol on loaded datasets; one encoding pass per dataset, every budget scored.
+
+    With ``resume_dir`` each finished dataset is saved there and a rerun with the same model, budgets and
+    data reuses it (see :class:`~metaembed.eval.common.ResumeStore`).
+    """
+    chosen = select_budgets(encoder, budgets)
+    model_info = describe_model(encoder, model_name)
+    store = ResumeStore(resume_dir, "mmeb", model_info, [str(b) for b in chosen]) if resume_dir else None
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise EvalDataError(f"dataset names repeat: {names}")
+    per_dataset, scores, described, dim = {}, [], [], None
+    encodes = {"query_encodes": 0, "candidate_encodes": 0, "naive_query_encodes": 0, "naive_candidate_encodes": 0}
+    for dataset in datasets:
+
+        def compute(dataset=dataset) -> dict:
+            return asdict(score_dataset(encoder, dataset, chosen, batch_size=batch_size, device=device,
+                                        store_dtype=store_dtype, progress=progress))  # fmt: skip
+
+        result = DatasetScores(**run_or_reuse(store, dataset.name, dataset.source, dataset.revision, compute, progress))
+        per_dataset[dataset.name] = result.metrics
+        for budget, values in result.metrics.items():
+            for metric, value in values.items():
+                scores.append(dict(task=dataset.name, budget=budget, metric=metric, value=value))
+        described.append(
+            dict(
+                name=dataset.name,
+                id=dataset.source,
+                revision=dataset.revision,
+                category=dataset.category,
+                split=dataset.split,
+                num_queries=result.num_queries,
+                num_candidates=result.distinct_candidates,
+            )
+        )
+        encodes["query_encodes"] += result.distinct_queries
+        encodes["candidate_encodes"] += result.distinct_candidates
+        encodes["naive_query_encodes"] += result.num_queries * len(chosen)
+        encodes["naive_candidate_encodes"] += result.candidate_slots * len(chosen)
+        dim = result.dim
+    budget_names = [str(b) for b in chosen]
+    return EvalResult(
+        benchmark="mmeb",
+        model=model_info,
+        main_metric=MAIN_METRIC,
+        budgets=budget_names,
+        embedding_dim=int(dim or 0),
+        datasets=described,
+        scores=scores,
+        groups=group_means(per_dataset, budget_names),
+        encodes=encodes,
+    )
+
+
+def _device(encoder: Any, embeddings: torch.Tensor) -> torch.device:
+    """Score where the model runs (a GPU scores much faster), else where the embeddings are."""
+    device = getattr(encoder, "device", None)
+    return device if isinstance(device, torch.device) else embeddings.device
