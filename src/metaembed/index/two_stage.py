@@ -36,9 +36,11 @@ def default_candidates(k: int) -> int:
 class CoarseIndex:
     """faiss HNSW over vector 0 of every stored row (live or tombstoned), numbered like the store's slots."""
 
-    def __init__(self, dim: int, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION) -> None:
+    def __init__(self, dim: int, m: int | None = None, ef_construction: int | None = None) -> None:
         import faiss
 
+        m = m or HNSW_M
+        ef_construction = ef_construction or HNSW_EF_CONSTRUCTION
         self.dim, self.m, self.ef_construction = dim, m, ef_construction
         self.index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
