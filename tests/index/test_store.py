@@ -167,3 +167,20 @@ def test_reader_process_sees_consistent_snapshots_while_writer_appends(tmp_path)
     assert reader.returncode == 0, err
     assert int(out) >= 1
     ix.close()
+
+
+def test_many_small_adds_merge_small_segments(tmp_path):
+    c = embeddings(80, 8, 4, seed=13)
+    with create_index(tmp_path / "ix", 4, 8, dtype="int8") as ix:
+        ix.add([f"big{j}" for j in range(40)], c[:40])
+        for j in range(40):
+            ix.add([f"s{j}"], c[40 + j : 41 + j])
+        assert len(ix) == 80 and ix.stats()["segments"] <= 33
+        names = [s.name for s in ix.segments]
+        assert names[0] == ix.segments[0].name and ix.segments[0].count == 40  # the big segment was not rewritten
+        ix.compact(names[1:3])
+        got, _ = ix.get([f"s{j}" for j in range(40)])
+        codes, scale = quantize_int8(c[40:])
+        torch.testing.assert_close(got, codes.float() * scale[..., None])
+        ix.compact()
+        assert ix.stats()["segments"] == 1 and len(ix) == 80

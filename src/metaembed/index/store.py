@@ -483,19 +483,31 @@ class EmbeddedIndex:
         self._maybe_compact()
 
     def _maybe_compact(self, max_segments: int = 32) -> None:
+        """Size-tiered merging: many segments → merge the small ones; mostly-dead index → full compaction."""
         dead = sum(s.count - int(s.live.sum()) for s in self._segments)
         total = sum(s.count for s in self._segments)
-        if len(self._segments) > max_segments or (dead > 1024 and dead > total // 2):
+        if dead > 1024 and dead > total // 2:
             self.compact()
+        elif len(self._segments) > max_segments:
+            small = [s.name for s in self._segments if s.count <= max(1, total // max_segments)]
+            self.compact(None if len(small) < 2 else small)
 
-    def compact(self) -> None:
-        """Rewrite all live rows into one segment and drop tombstones (atomic, like every write)."""
+    def compact(self, segments: Sequence[str] | None = None) -> None:
+        """Rewrite the live rows of ``segments`` (default: all) into one new segment, dropping their tombstones.
+
+        Atomic like every write: the merged segment is written and fsynced, then one manifest swap replaces
+        the old segments by it; their files are removed only after that. Readers holding the old snapshot
+        keep their (unlinked) mappings.
+        """
         self._check_writable()
-        if len(self._segments) <= 1 and not self._manifest["deleted"]:
+        chosen = set(segments) if segments is not None else {s.name for s in self._segments}
+        if len(chosen) <= 1 and not any(name in self._manifest["deleted"] for name in chosen):
             return
+        merged = [s for s in self._segments if s.name in chosen]
         manifest = self._next_manifest()
-        manifest["segments"], manifest["deleted"] = [], {}
-        if self._where:
+        manifest["segments"] = [seg for seg in manifest["segments"] if seg["name"] not in chosen]
+        manifest["deleted"] = {k: v for k, v in manifest["deleted"].items() if k not in chosen}
+        if any(bool(s.live.any()) for s in merged):
             gen = manifest["generation"]
             name = f"seg-{gen:08d}-{secrets.token_hex(4)}"
             ids: list[str] = []
@@ -506,7 +518,7 @@ class EmbeddedIndex:
                 if self.dtype == "int8":
                     handles.append(open(self.path / f"{name}.s{i}.bin", "wb"))  # noqa: SIM115
             try:
-                for segment in self._segments:
+                for segment in merged:
                     rows = torch.nonzero(segment.live).flatten()
                     if rows.numel() == 0:
                         continue
@@ -525,9 +537,9 @@ class EmbeddedIndex:
                     handle.close()
             raw = json.dumps({"ids": ids, "metadata": meta}, ensure_ascii=False).encode("utf-8")
             _write_file(self.path / f"{name}.items.json", raw)
-            manifest["segments"] = [
+            manifest["segments"].append(
                 {"name": name, "count": len(ids), "items_bytes": len(raw), "items_crc32": zlib.crc32(raw)}
-            ]
+            )
         self._commit(manifest)
         self._remove_orphans()
 
