@@ -171,11 +171,12 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         temperature: τ (paper 0.03, fixed).
         gather: all-gather positives across ranks with gradient (queries stay local).
 
-    Inputs (``forward(batch)``): ``batch["query"]`` and ``batch["candidate"]`` are processor outputs
-    (``model.processor(items, side)``); the candidate batch holds the B positives first, then B·k hard
-    negatives (query u's at rows B + u·k …); ``batch["num_negatives"]`` = k (0 for none) and optionally
-    ``batch["negative_mask"]`` ``(B, k)``. ``forward(inputs, side)`` instead returns the model's
-    embeddings of one processed batch (used by cached mini-batches under DDP).
+    Inputs (``forward(batch)``): ``batch["query"]`` and ``batch["candidate"]`` are processor
+    outputs (``model.processor(items, side)``), or lists of them (mini-batch chunks, concatenated).
+    The candidates are the B positives first, then B·k hard negatives (query u's at rows B + u·k on);
+    ``batch["num_negatives"]`` = k (0 for none); optional ``batch["negative_mask"]`` ``(B, k)``.
+    ``forward(inputs, side)`` instead returns the embeddings of one processed batch (cached
+    mini-batches call it that way under DDP).
 
     Returns the scalar loss; ``last_logs`` then holds each group's loss as a float.
 
@@ -218,9 +219,15 @@ class MatryoshkaMultiVectorLoss(nn.Module):
     def forward(self, batch: dict, side: str | None = None) -> torch.Tensor:
         if side is not None:
             return self.model(batch, side)
-        queries = self.model(batch["query"], "query")
-        candidates = self.model(batch["candidate"], "candidate")
+        queries = self.encode(batch["query"], "query")
+        candidates = self.encode(batch["candidate"], "candidate")
         return self.compute(queries, candidates, batch.get("num_negatives", 0), batch.get("negative_mask"))
+
+    def encode(self, inputs: dict | Sequence[dict], side: str) -> torch.Tensor:
+        """Embeddings of one processed batch, or of a list of processed chunks (concatenated in order)."""
+        if isinstance(inputs, dict):
+            return self.model(inputs, side)
+        return torch.cat([self.model(chunk, side) for chunk in inputs], dim=0)
 
     def compute(
         self,
