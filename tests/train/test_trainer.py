@@ -112,3 +112,37 @@ def test_cli_trains_a_recipe_and_resume_without_checkpoint_fails(tiny_backbone, 
     assert main([*args, "train.max_steps=3", "--resume", "latest"]) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log][-1] == 3
+
+
+def test_yaml_no_means_no_mixed_precision():
+    assert load_recipe(RECIPE, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+@pytest.mark.slow
+def test_trainer_under_torchrun_two_processes(tiny_backbone, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = ["-m", "metaembed.cli", "train", str(RECIPE), f"model.backbone={tiny_backbone('qwen2_vl')}"]
+    args += [f"train.output_dir={tmp_path}", "train.max_steps=4", "train.save_steps=2", "--quiet"]
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoint-4").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
+    assert MetaEmbedModel.from_pretrained(tmp_path / "final").config.lora is not None
+
+
+@pytest.mark.slow
+def test_mini_backbone_trains_in_bf16(tmp_path):
+    trainer = MetaEmbedTrainer(
+        load_recipe(
+            RECIPE.with_name("mini-cpu.yaml"),
+            [f"train.output_dir={tmp_path}", "train.max_steps=2", "train.batch_size=4", "train.threads=1"],
+        )
+    )
+    final = trainer.train()
+    loaded = MetaEmbedModel.from_pretrained(final)
+    items = [{"text": "a red circle", "image": SHAPES / "images" / "red_circle.png"}]
+    torch.testing.assert_close(loaded.encode_queries(items), trainer.model.encode_queries(items), atol=1e-5, rtol=0)

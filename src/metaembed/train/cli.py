@@ -35,8 +35,11 @@ def run(args: argparse.Namespace) -> int:
     for noisy in ("transformers", "accelerate", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = load_recipe(args.recipe, overrides)
+    import os
+
     final = MetaEmbedTrainer(recipe).train(resume=args.resume)
-    print(final)
+    if os.environ.get("RANK", "0") == "0":
+        print(final)
     return 0
 
 

@@ -93,6 +93,8 @@ class Recipe:
                 "set model.backbone (a backbone directory, hub id, tiny:… or mini) or model.init_from"
             )
         variant_pooling(self.loss.variant)  # validates the variant
+        if self.train.mixed_precision in (False, None):  # YAML reads a bare `no` as false
+            self.train.mixed_precision = "no"
         if self.train.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainConfigError(
                 f"train.mixed_precision must be no, bf16 or fp16, got {self.train.mixed_precision!r}"

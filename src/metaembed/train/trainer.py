@@ -126,11 +126,12 @@ class MetaEmbedTrainer:
         self.accelerator = Accelerator(
             mixed_precision=t.mixed_precision,
             cpu=not torch.cuda.is_available(),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self._seed_everything(t.seed)  # the same initial weights on every rank
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.model = build_model(recipe, self.output_dir)
+        with self.accelerator.main_process_first():  # rank 0 writes a tiny/mini backbone, the others then read it
+            self.model = build_model(recipe, self.output_dir)
         n_q, n_c = self.model.num_vectors("query"), self.model.num_vectors("candidate")
         groups = recipe.loss.groups or variant_groups(recipe.loss.variant, n_q, n_c)
         self.loss_fn = MatryoshkaMultiVectorLoss(self.model, groups, recipe.loss.temperature, recipe.loss.gather)
