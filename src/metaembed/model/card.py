@@ -17,8 +17,7 @@ def render_model_card(config: MetaEmbedConfig, embedding_dim: int, quality: dict
         "---",
         "# MetaEmbed checkpoint",
         "",
-        f"Backbone family `{config.backbone_family}`; {config.num_query_tokens} query and "
-        f"{config.num_candidate_tokens} candidate Meta Tokens; {embedding_dim}-d vectors; layout "
+        f"Backbone family `{config.backbone_family}`; {_readout(config)}; {embedding_dim}-d vectors; layout "
         f"`{config.meta_layout}`. Pick a budget `(r_q, r_c)` at serve time: the first r_q query and first "
         "r_c candidate vectors take part in MaxSim.",
         "",
@@ -32,7 +31,7 @@ def render_model_card(config: MetaEmbedConfig, embedding_dim: int, quality: dict
         "|" + "---|" * len(header),
     ]
     for budget in Budget.LADDER:
-        if budget.r_q > config.num_query_tokens or budget.r_c > config.num_candidate_tokens:
+        if budget.r_q > config.vectors("query") or budget.r_c > config.vectors("candidate"):
             continue
         row = [
             str(budget),
@@ -46,3 +45,12 @@ def render_model_card(config: MetaEmbedConfig, embedding_dim: int, quality: dict
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _readout(config: MetaEmbedConfig) -> str:
+    if config.pooling == "meta":
+        return f"{config.num_query_tokens} query and {config.num_candidate_tokens} candidate Meta Tokens"
+    return (
+        f"baseline pooling `{config.pooling}` ({config.vectors('query')} query and "
+        f"{config.vectors('candidate')} candidate vectors, no Meta Tokens)"
+    )

@@ -33,6 +33,10 @@ class MetaEmbedConfig:
         min_image_side: smaller images are upscaled to this side (Qwen-VL needs ≥ 28 px).
         backbone_path: where the backbone weights live, relative to the checkpoint directory.
         lora: the peft ``LoraConfig`` arguments of the backbone's LoRA adapter, or ``None`` without one.
+        pooling: how the output vectors are read. "meta" (MetaEmbed): the Meta-Token states. The paper's
+            baselines append no Meta Tokens: "last" = the last token's state (one vector), "mean" = masked
+            mean over valid tokens (one vector), "split-X" = the valid tokens cut into X contiguous chunks,
+            each mean-pooled (X vectors per item), or "split-QxC" for Q query and C candidate chunks.
     """
 
     backbone_family: str
@@ -47,8 +51,10 @@ class MetaEmbedConfig:
     min_image_side: int = 28
     backbone_path: str = "backbone"
     lora: dict | None = None
+    pooling: str = "meta"
 
     def __post_init__(self) -> None:
+        pooled_vectors(self.pooling, "query", self.num_query_tokens, self.num_candidate_tokens)  # validates
         if self.meta_layout not in META_LAYOUTS:
             raise ValueError(f"meta_layout must be one of {META_LAYOUTS}, got {self.meta_layout!r}")
         for name in ("num_query_tokens", "num_candidate_tokens", "max_text_tokens", "min_image_side"):
@@ -56,6 +62,10 @@ class MetaEmbedConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"dim must be a positive int or None, got {self.dim}")
+
+    def vectors(self, side: str) -> int:
+        """How many output vectors an item on ``side`` gets under this config's pooling."""
+        return pooled_vectors(self.pooling, side, self.num_query_tokens, self.num_candidate_tokens)
 
     def to_json_file(self, path: Path) -> None:
         path.write_text(json.dumps({"model_type": MODEL_TYPE, **asdict(self)}, indent=2, sort_keys=True) + "\n")
@@ -76,3 +86,20 @@ class MetaEmbedConfig:
             return cls(**data)
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{path} is not a valid metaembed config: {error}") from error
+
+
+POOLINGS = ("meta", "last", "mean", "split-X", "split-QxC")
+
+
+def pooled_vectors(pooling: str, side: str, num_query_tokens: int, num_candidate_tokens: int) -> int:
+    """Vectors per item for a pooling name; ValueError naming the allowed forms for a bad one."""
+    if pooling == "meta":
+        return num_query_tokens if side == "query" else num_candidate_tokens
+    if pooling in ("last", "mean"):
+        return 1
+    if isinstance(pooling, str) and pooling.startswith("split-"):
+        parts = pooling.removeprefix("split-").split("x")
+        if len(parts) in (1, 2) and all(p.isdigit() and int(p) >= 1 for p in parts):
+            counts = [int(p) for p in parts]
+            return counts[0] if side == "query" or len(counts) == 1 else counts[1]
+    raise ValueError(f"pooling must be one of {POOLINGS} (X, Q, C positive ints, e.g. 'split-16x64'), got {pooling!r}")

@@ -20,7 +20,7 @@ from metaembed.model.backbones import Backbone, Processor, adapter_for, detect_f
 from metaembed.model.card import render_model_card
 from metaembed.model.config import MetaEmbedConfig
 from metaembed.model.items import ItemLike, check_batch, to_items
-from metaembed.model.meta_tokens import Side, meta_slots
+from metaembed.model.meta_tokens import MetaSlots, Side, meta_slots
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -140,7 +140,8 @@ class MetaEmbedModel(nn.Module):
         return self.meta_tokens.weight.device
 
     def num_vectors(self, side: Side) -> int:
-        return self.config.num_query_tokens if side == "query" else self.config.num_candidate_tokens
+        """Output vectors per item on ``side`` (R_q / R_c with Meta Tokens; 1 or X for pooling baselines)."""
+        return self.config.vectors(side)
 
     def processor(self, items: Sequence[ItemLike], side: Side) -> dict[str, torch.Tensor]:
         """Tokenise and preprocess a batch, Meta-Token slots appended (the input of :meth:`forward`)."""
@@ -154,12 +155,17 @@ class MetaEmbedModel(nn.Module):
         meta = self.meta_tokens.weight[slots.rows.start : slots.rows.stop]
         meta = meta.unsqueeze(0).expand(batch["input_ids"].shape[0], -1, -1)
         hidden = self.backbone(batch, meta)
-        states = hidden[:, -slots.count :][:, slots.readout]
+        if self.config.pooling == "meta":
+            states = hidden[:, -slots.count :][:, slots.readout]
+        else:
+            states = pool_hidden(hidden, batch["attention_mask"], self.config.pooling, self.num_vectors(side))
         if self.projection is not None:
             states = self.projection(states)
         return F.normalize(states.float(), dim=-1)
 
-    def _slots(self, side: Side):
+    def _slots(self, side: Side) -> MetaSlots:
+        if self.config.pooling != "meta":
+            return MetaSlots(rows=range(0), readout=slice(0, 0))
         return meta_slots(side, self.config.meta_layout, self.config.num_query_tokens, self.config.num_candidate_tokens)
 
     # ---------------------------------------------------------------------------------------- encode
@@ -194,7 +200,7 @@ class MetaEmbedModel(nn.Module):
         items = check_batch(items)
         keep = self.num_vectors(side)
         if budget is not None:
-            parsed = Budget.parse(budget).validate(self.config.num_query_tokens, self.config.num_candidate_tokens)
+            parsed = Budget.parse(budget).validate(self.num_vectors("query"), self.num_vectors("candidate"))
             keep = parsed.r_q if side == "query" else parsed.r_c
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -314,6 +320,29 @@ class MetaEmbedModel(nn.Module):
             raise CheckpointError(
                 f"{path} does not fit the backbone: unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
             )
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, count: int) -> torch.Tensor:
+    """``(B, count, H)`` baseline read-outs of left-padded hidden states ``(B, T, H)``.
+
+    "last": the last position (with left padding, every row's last valid token). "mean": the masked
+    mean over valid tokens. "split-*": valid token t of n goes to chunk ``floor(t·count/n)``; each chunk
+    is mean-pooled (a row with fewer than ``count`` tokens repeats tokens so no chunk is empty).
+    """
+    if pooling == "last":
+        return hidden[:, -1:]
+    mask = attention_mask.to(hidden.dtype)
+    if pooling == "mean":
+        return ((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1))[:, None]
+    lengths = attention_mask.sum(1)  # (B,)
+    rank = (attention_mask.cumsum(1) - 1).clamp(min=0)  # index among valid tokens
+    k = torch.arange(count, device=hidden.device)
+    start = (k[None] * lengths[:, None]) // count  # (B, count)
+    stop = torch.maximum(((k[None] + 1) * lengths[:, None]) // count, start + 1)
+    inside = (rank[:, None, :] >= start[..., None]) & (rank[:, None, :] < stop[..., None])
+    weights = (inside & attention_mask.bool()[:, None, :]).to(hidden.dtype)  # (B, count, T)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)
+    return weights @ hidden
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -102,6 +102,8 @@ class Backbone(nn.Module):
         """Token embeddings with the last ``meta_embeds.shape[1]`` positions replaced by the Meta Tokens."""
         embeds = self.model.get_input_embeddings()(input_ids)
         n_meta = meta_embeds.shape[1]
+        if n_meta == 0:  # pooling baselines carry no Meta Tokens
+            return embeds
         return torch.cat([embeds[:, :-n_meta], meta_embeds.to(embeds.dtype)], dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,8 @@ class MiniBackbone(Backbone):
         """``(n, visual_tokens, 1280)`` frozen MobileNetV2 features, computed once per distinct image."""
         missing = [i for i, key in enumerate(keys.tolist()) if key not in self._features]
         if missing:
-            with torch.no_grad():
+            # outside autocast: cached features must not depend on whether training ran under bf16
+            with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
                 grid = self.vision(pixel_values[missing].to(next(self.vision.parameters()).dtype))
             tokens = grid.flatten(2).transpose(1, 2)  # (n, tokens, 1280), row-major over the grid
             if len(self._features) + len(missing) > _MAX_CACHED_IMAGES:

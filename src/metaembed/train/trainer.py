@@ -1,0 +1,367 @@
+"""The training loop: accelerate (DDP under ``torchrun`` / ``accelerate launch``), LoRA, GradCache, resume.
+
+Why an accelerate loop and not a ``transformers.Trainer`` subclass: cached mini-batches need a
+two-phase forward/backward (embed without a graph, loss, re-forward per chunk under ``no_sync``) that
+``Trainer.training_step`` hides; ``MetaEmbedModel`` is not a ``PreTrainedModel``, so ``Trainer``'s
+checkpointing would save the whole backbone every time, where a LoRA run needs only its adapter, Meta
+Tokens and projection; and the data stream (a resumable weighted mixture, fixed global batch for the
+cross-rank gather) does not fit a ``Sampler``. accelerate still gives device placement, DDP (or FSDP
+from its launch config), autocast and gradient sync — about 200 lines here instead of overriding
+half of ``Trainer``.
+
+A checkpoint ``output_dir/checkpoint-{step}/`` holds the trainable tensors, the optimizer, the
+scheduler, every rank's RNG and data-stream state and the log history: a resumed run continues from
+the identical state. The final model is written with ``save_pretrained`` to ``output_dir/final``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from metaembed.errors import CheckpointError
+from metaembed.train.data import Mixture, collate
+from metaembed.train.gradcache import cached_loss_backward
+from metaembed.train.loss import MatryoshkaMultiVectorLoss, TrainConfigError, variant_groups, variant_pooling
+from metaembed.train.recipe import Recipe
+
+log = logging.getLogger("metaembed.train")
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINABLE_FILE = "trainable.safetensors"
+FINAL_DIR = "final"
+
+
+def build_model(recipe: Recipe, workdir: Path):
+    """The model a recipe trains: fresh Meta Tokens on a backbone (or a checkpoint), LoRA, pooling."""
+    from metaembed import MetaEmbedModel
+
+    m = recipe.model
+    pooling = variant_pooling(recipe.loss.variant)
+    if m.init_from:
+        model = MetaEmbedModel.from_pretrained(m.init_from, torch_dtype=m.torch_dtype)
+        if model.config.pooling != pooling:
+            raise TrainConfigError(
+                f"model.init_from has pooling {model.config.pooling!r} but loss.variant "
+                f"{recipe.loss.variant!r} trains {pooling!r}"
+            )
+    else:
+        model = MetaEmbedModel.from_backbone(
+            resolve_backbone(m.backbone, workdir),
+            family=m.family,
+            torch_dtype=m.torch_dtype,
+            num_query_tokens=m.num_query_tokens,
+            num_candidate_tokens=m.num_candidate_tokens,
+            dim=m.dim,
+            meta_layout=m.meta_layout,
+            max_text_tokens=m.max_text_tokens,
+            pooling=pooling,
+        )
+    lora = recipe.lora
+    if lora.enabled and model.config.lora is None:
+        model.add_lora(lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.init_lora_weights)
+    elif not lora.enabled and model.config.lora is None:
+        frozen = getattr(model.backbone, "vision", None)
+        for parameter in model.backbone.parameters():
+            parameter.requires_grad = True
+        if frozen is not None:  # the mini backbone's cached vision tower stays frozen
+            frozen.requires_grad_(False)
+    model.meta_tokens.weight.requires_grad = pooling == "meta"  # baselines carry no Meta Tokens
+    if recipe.train.gradient_checkpointing:
+        model.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def resolve_backbone(spec: str, workdir: Path) -> str:
+    """A backbone directory for ``spec``: ``tiny:FAMILY`` and ``mini[:SIZE]`` are built under ``workdir``."""
+    if spec.startswith("tiny:"):
+        from metaembed.model.tiny import make_tiny_backbone
+
+        target = workdir / f"backbone-tiny-{spec[5:]}"
+        if not (target / "config.json").is_file():
+            make_tiny_backbone(target, spec[5:])
+        return str(target)
+    if spec == "mini" or spec.startswith("mini:"):
+        from metaembed.model.backbones.mini import make_mini_backbone
+
+        size = int(spec[5:]) if spec.startswith("mini:") else 128
+        return str(make_mini_backbone(workdir / f"backbone-mini-{size}", image_size=size))
+    return spec
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = [(int(match.group(1)), p) for p in output_dir.glob("checkpoint-*") if (match := CHECKPOINT.match(p.name))]
+    complete = [(step, p) for step, p in found if (p / "trainer_state.json").is_file()]
+    return max(complete)[1] if complete else None
+
+
+class MetaEmbedTrainer:
+    """Trains a :class:`~metaembed.model.MetaEmbedModel` with the MMR loss as a recipe says.
+
+    Example:
+        >>> trainer = MetaEmbedTrainer(load_recipe("recipes/tiny-cpu.yaml", ["train.max_steps=5"]))  # doctest: +SKIP
+        >>> final_dir = trainer.train()          # or trainer.train(resume="latest")
+        >>> MetaEmbedModel.from_pretrained(final_dir)
+    """
+
+    def __init__(self, recipe: Recipe) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.recipe = recipe
+        t = recipe.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.output_dir = Path(t.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=t.mixed_precision,
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self._seed_everything(t.seed)  # the same initial weights on every rank
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with self.accelerator.main_process_first():  # rank 0 writes a tiny/mini backbone, the others then read it
+            self.model = build_model(recipe, self.output_dir)
+        n_q, n_c = self.model.num_vectors("query"), self.model.num_vectors("candidate")
+        groups = recipe.loss.groups or variant_groups(recipe.loss.variant, n_q, n_c)
+        self.loss_fn = MatryoshkaMultiVectorLoss(self.model, groups, recipe.loss.temperature, recipe.loss.gather)
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.trainable:
+            raise TrainConfigError("nothing to train: every parameter is frozen")
+        decay = [p for n, p in self.trainable if p.ndim >= 2 and "meta_tokens" not in n]
+        no_decay = [p for n, p in self.trainable if p.ndim < 2 or "meta_tokens" in n]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.learning_rate,
+        )
+        from transformers import get_linear_schedule_with_warmup
+
+        self.module, self.optimizer = self.accelerator.prepare(self.loss_fn, optimizer)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer.optimizer, t.warmup_steps, t.max_steps)
+        self.data = Mixture(
+            recipe.dataset_specs(),
+            seed=t.seed,
+            rank=self.accelerator.process_index,
+            on_bad_record=recipe.data.on_bad_record,
+        )
+        self.step = 0
+        self.history: list[dict] = []
+        self.grad_norm: float | None = None
+        self._seed_everything(t.seed + 1 + self.accelerator.process_index)  # dropout differs per rank
+
+    # ------------------------------------------------------------------------------------- train
+    def train(self, resume: str | Path | None = None, *, stop_after: int | None = None) -> Path:
+        """Run to ``train.max_steps`` (or ``train.max_minutes``, or ``stop_after`` more steps); return the
+        final model directory (written only when the run reaches its end or its time limit)."""
+        if resume:
+            self.resume(resume)
+        t = self.recipe.train
+        acc = self.accelerator
+        if acc.is_main_process:
+            (self.output_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+            log.info(
+                "training %s: %d trainable tensors (%s parameters), groups %s, %d processes, batch %d/device",
+                self.recipe.loss.variant,
+                len(self.trainable),
+                f"{sum(p.numel() for _, p in self.trainable):,}",
+                [g.name for g in self.loss_fn.groups],
+                acc.num_processes,
+                t.batch_size,
+            )
+        self.module.train()
+        started = time.monotonic()
+        stop_at = t.max_steps if stop_after is None else min(t.max_steps, self.step + stop_after)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not acc.is_main_process or not sys.stderr.isatty(),
+        )
+        window_start, window_steps, window_loss = time.monotonic(), 0, 0.0
+        timed_out = False
+        try:
+            while self.step < stop_at:
+                loss = self._train_step()
+                self.step += 1
+                window_steps += 1
+                window_loss += loss
+                bar.update(1)
+                if self.step % t.log_steps == 0 or self.step == stop_at:
+                    now = time.monotonic()
+                    self._log(window_loss / window_steps, (now - window_start) / window_steps)
+                    bar.set_postfix(loss=f"{window_loss / window_steps:.4f}")
+                    window_start, window_steps, window_loss = now, 0, 0.0
+                if t.max_minutes is not None and (time.monotonic() - started) / 60 >= t.max_minutes:
+                    timed_out = True
+                    log.info("train.max_minutes=%s reached at step %d: stopping", t.max_minutes, self.step)
+                    break
+                if self.step % t.save_steps == 0 and self.step < stop_at:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d: saving a checkpoint (resume with --resume latest)", self.step)
+            self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        final = self.output_dir / FINAL_DIR
+        if self.step >= t.max_steps or timed_out:
+            if acc.is_main_process:
+                self.model.save_pretrained(final)
+                log.info("final model written to %s", final)
+            acc.wait_for_everyone()
+        return final
+
+    def _train_step(self) -> float:
+        t, acc = self.recipe.train, self.accelerator
+        examples = [self.data.next_example() for _ in range(t.batch_size)]
+        batch = collate(self.model, examples, self.recipe.data.num_negatives, t.cache_chunk_size)
+        if t.cache_chunk_size:
+            loss = cached_loss_backward(
+                self.module,
+                self.loss_fn,
+                batch,
+                device=acc.device,
+                backward=acc.backward,
+                no_sync=lambda: acc.no_sync(self.module),
+            )
+        else:
+            loss = self.module(batch)
+            acc.backward(loss)
+        self.grad_norm = None
+        if t.max_grad_norm:
+            self.grad_norm = float(acc.clip_grad_norm_([p for _, p in self.trainable], t.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def _log(self, loss: float, seconds_per_step: float) -> None:
+        record = {
+            "step": self.step,
+            "loss": round(loss, 6),
+            **{name: round(value, 6) for name, value in self.loss_fn.last_logs.items()},
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": self.grad_norm,
+            "seconds_per_step": round(seconds_per_step, 4),
+            "bad_records": sum(self.data.bad.values()),
+        }
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log.info(
+                "step %d/%d loss %.4f %s lr %.2e %.2fs/step",
+                self.step,
+                self.recipe.train.max_steps,
+                loss,
+                " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in self.loss_fn.last_logs.items()),
+                record["lr"],
+                seconds_per_step,
+            )
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        target = self.output_dir / f"checkpoint-{self.step}"
+        staging = self.output_dir / f".checkpoint-{self.step}.partial"
+        if acc.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(self._rank_state(), staging / f"rank-{acc.process_index}.pt")
+        if acc.is_main_process:
+            tensors = {n: p.detach().contiguous().cpu() for n, p in self.trainable}
+            save_file(tensors, staging / TRAINABLE_FILE)
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                staging / "optimizer.pt",
+            )
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "world_size": acc.num_processes, "history": self.history}
+            (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+            self._prune_checkpoints()
+            log.info("checkpoint %s", target)
+        acc.wait_for_everyone()
+        return target
+
+    def _rank_state(self) -> dict:
+        state = {
+            "data": self.data.state_dict(),
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.recipe.train.save_total_limit
+        if not limit:
+            return
+        found = sorted(
+            (int(m.group(1)), p) for p in self.output_dir.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))
+        )
+        for _, path in found[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resume(self, where: str | Path) -> None:
+        """Restore the state of ``checkpoint-N`` (``"latest"``: the newest complete one in output_dir)."""
+        path = latest_checkpoint(self.output_dir) if str(where) == "latest" else Path(where)
+        if path is None:
+            raise CheckpointError(f"--resume latest: no complete checkpoint-* in {self.output_dir}")
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"{path} is not a complete training checkpoint (trainer_state.json is missing)")
+        state = json.loads((path / "trainer_state.json").read_text())
+        acc = self.accelerator
+        if state["world_size"] != acc.num_processes:
+            raise CheckpointError(
+                f"{path} was written by {state['world_size']} processes; resume with the same number "
+                f"(now {acc.num_processes}) so every rank's data stream continues"
+            )
+        saved = load_file(path / TRAINABLE_FILE)
+        names = {n for n, _ in self.trainable}
+        if set(saved) != names:
+            raise CheckpointError(
+                f"{path}: trainable tensors differ from this recipe's model "
+                f"(missing {sorted(names - set(saved))[:3]}, extra {sorted(set(saved) - names)[:3]})"
+            )
+        with torch.no_grad():
+            for name, parameter in self.trainable:
+                parameter.copy_(saved[name].to(parameter.dtype))
+        blob = torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=False)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        rank = torch.load(path / f"rank-{acc.process_index}.pt", weights_only=False)
+        self.data.load_state_dict(rank["data"])
+        torch.set_rng_state(rank["torch"])
+        np.random.set_state(rank["numpy"])
+        random.setstate(rank["python"])
+        if "cuda" in rank and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rank["cuda"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)

@@ -1,0 +1,51 @@
+"""Distributed and cached losses equal one process on the global batch (loss and every gradient)."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_backbone):
+    worker = runpy.run_path(str(WORKER))
+    return worker["run"](str(tiny_backbone("qwen2_vl")))
+
+
+def _assert_same(got, want):
+    assert got["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-5)
+    assert set(got["grads"]) == set(want["grads"])
+    assert got["grads"]  # every trainable parameter that took part
+    for name, grad in want["grads"].items():
+        scale = float(grad.abs().max()) + 1e-12  # fp32 sums in another order: error relative to the largest entry
+        torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=2e-5 * scale, msg=name)
+
+
+def test_cached_minibatches_give_the_uncached_gradients(reference):
+    _assert_same(reference["cached"], reference["uncached"])
+    assert reference["uncached"]["grads"]["meta_tokens.weight"].abs().sum() > 0
+
+
+def test_two_gloo_processes_equal_one_process_on_the_global_batch(tiny_backbone, reference, tmp_path):
+    out = tmp_path / "rank0.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*command, str(WORKER), str(tiny_backbone("qwen2_vl")), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(out, weights_only=False)
+    _assert_same(result["uncached"], reference["uncached"])
+    _assert_same(result["cached"], reference["uncached"])
