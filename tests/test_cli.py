@@ -8,10 +8,10 @@ import pytest
 from metaembed.cli import build_parser, main
 
 
-def test_metaembed_errors_become_one_line_messages_and_exit_2(capsys):
-    assert main(["demo", "--candidates", "0"]) == 2
+def test_metaembed_errors_become_one_line_messages_and_exit_2(capsys, tmp_path):
+    assert main(["demo", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("metaembed demo: error: ") and "Traceback" not in err
+    assert err.startswith("metaembed demo: error: ") and "make data" in err and "Traceback" not in err
 
 
 def test_unknown_command_is_an_argparse_error():

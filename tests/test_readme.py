@@ -14,11 +14,3 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     code = blocks[0].replace("/tmp/", f"{tmp_path}/")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
-
-
-def test_demo_command_runs(capsys):
-    from metaembed.cli import main
-
-    assert main(["demo", "--candidates", "8", "--queries", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "| 16x64 |" in out and "random" in out

@@ -1,70 +1,85 @@
-"""``metaembed demo``: a small end-to-end run — encode, index in memory, score at every ladder budget.
+"""``metaembed demo``: the main job — the shipped metaembed-mini on real test splits, at every budget.
 
-Until the shipped real-data checkpoint exists this runs on a tiny *random* Qwen2-VL built on the spot,
-so the scores show the mechanics (shapes, budgets, latency, bytes), not retrieval quality.
+It loads the checkpoint (Meta Tokens, projector and LoRA from the repository; MiniLM and MobileNetV2
+from their pip packages), indexes each task's test-split candidates in the on-disk index, searches
+them with every test query at each ladder budget, and prints Precision@1 and Recall@5 with the scoring
+latency and the index bytes each budget reads. It writes the result JSON and a quality-vs-budget plot
+that overlays the baselines' stored results (same protocol, see docs/results.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
-import time
+from pathlib import Path
 
-from metaembed.budget import Budget
+DEFAULT_MODEL = "models/metaembed-mini"
+DEFAULT_SOURCES = ("openclipart", "emoji")
+DEFAULT_BASELINES = (
+    "docs/results/index-nommr.json",
+    "docs/results/index-single-last.json",
+    "docs/results/index-single-mean.json",
+)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="tiny end-to-end encode-and-score example (random weights)")
-    parser.add_argument("--candidates", type=int, default=256, help="number of candidates to index")
-    parser.add_argument("--queries", type=int, default=16, help="number of queries")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = subparsers.add_parser(
+        "demo", help="the main job: shipped metaembed-mini, real test splits indexed, P@1 / R@5 at every budget"
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("--data", default="data", help="built datasets folder, see `make data` (default: %(default)s)")
+    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), help="datasets under --data")
+    parser.add_argument("--budgets", default=None, help="comma-separated budgets, e.g. 1x1,16x64 (default: ladder)")
+    parser.add_argument("--index-dir", default="runs/demo/index", help="where the indexes are written")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="bf16", help="index storage dtype")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--label", default="MMR (shipped)", help="this model's name in the table and the plot")
+    parser.add_argument("--json", default="runs/demo/result.json", help="where the result JSON is written")
+    parser.add_argument("--plot", default="docs/demo-quality.png", help="quality-vs-budget plot ('' to skip)")
+    parser.add_argument("--compare", nargs="*", default=list(DEFAULT_BASELINES), help="results to overlay")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     import transformers
-    from PIL import Image
 
-    from metaembed import MetaEmbedModel, maxsim
-    from metaembed.model.tiny import make_tiny_backbone
+    from metaembed.budget import Budget
+    from metaembed.data.errors import DatasetError
+    from metaembed.eval.index_retrieval import evaluate_index_retrieval
+    from metaembed.eval.mmeb import load_datasets
+    from metaembed.eval.report import plot_results
+    from metaembed.model import MetaEmbedModel
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(args.seed)
-    print("demo: building a tiny random Qwen2-VL backbone (no hub needed) ...")
-    with tempfile.TemporaryDirectory() as tmp:
-        model = MetaEmbedModel.from_backbone(make_tiny_backbone(tmp, "qwen2_vl"))
-    gen = torch.Generator().manual_seed(args.seed)
-    colours = torch.randint(0, 256, (args.candidates, 3), generator=gen).tolist()
-    candidates = [
-        {"text": f"a swatch of colour {r} {g} {b}", "image": Image.new("RGB", (56, 56), (r, g, b))}
-        for r, g, b in colours
-    ]
-    queries = [f"colour {r} {g} {b}" for r, g, b in colours[: args.queries]]
-    start = time.perf_counter()
-    candidate_vectors = model.encode_candidates(candidates, batch_size=32)
-    query_vectors = model.encode_queries(queries, batch_size=32)
-    encode_s = time.perf_counter() - start
-    print(
-        f"demo: encoded {len(candidates)} text+image candidates and {len(queries)} queries in {encode_s:.1f} s "
-        f"→ {tuple(candidate_vectors.shape)} and {tuple(query_vectors.shape)}"
-    )
-    dim = model.embedding_dim
-    print("\n| budget | scoring ms / query (median of 5) | index bytes (bf16) | FLOPs / query | top-1 = own |")
-    print("|---|---|---|---|---|")
-    index = candidate_vectors.to(torch.bfloat16)
-    for budget in Budget.LADDER:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            scores = maxsim(query_vectors.to(torch.bfloat16), index, budget)
-            times.append((time.perf_counter() - start) * 1000 / len(queries))
-        hits = (scores.argmax(dim=1) == torch.arange(len(queries))).float().mean().item()
-        print(
-            f"| {budget} | {statistics.median(times):.3f} | {budget.index_bytes(len(candidates), dim, 2):,} "
-            f"| {budget.flops(len(candidates), dim):,} | {hits:.2f} |"
-        )
-    print("\ndemo: the backbone is random, so 'top-1 = own' is chance level; see the README for real models.")
+    folders = [Path(args.data) / source for source in args.sources]
+    missing = [str(f) for f in folders if not (f / "eval").is_dir()]
+    if missing:
+        raise DatasetError(f"no built test split in {missing}; run `make data` (fetches and builds them) first")
+    budgets = Budget.parse_many(args.budgets) if args.budgets else None
+    print(f"demo: loading {args.model}")
+    model = MetaEmbedModel.from_pretrained(args.model)
+    datasets = [d for folder in folders for d in load_datasets(folder)]
+    result = evaluate_index_retrieval(
+        model, datasets, args.index_dir, budgets, dtype=args.dtype, batch_size=args.batch_size,
+        model_name=args.label, progress=lambda line: print(f"demo: {line}", flush=True),
+    )  # fmt: skip
+    print(f"\n{args.label}: each query searches all of its task's test-split candidates ({args.dtype} index)\n")
+    print("| task | candidates | budget | P@1 | R@5 | scoring ms / query | index bytes |")
+    print("|---|---|---|---|---|---|---|")
+    for dataset in result.datasets:
+        for budget in result.budgets:
+            value = lambda metric, name=dataset["name"], b=budget: result.value(name, b, metric)  # noqa: E731
+            print(
+                f"| {dataset['name']} | {dataset['num_candidates']} | {budget} | {100 * value('precision_at_1'):.1f} "
+                f"| {100 * value('recall_at_5'):.1f} | {value('latency_ms'):.3f} | {int(value('index_bytes')):,} |"
+            )
+    print("\n| budget | mean P@1 | mean R@5 |\n|---|---|---|")
+    for budget in result.budgets:
+        p1, r5 = (result.group_value("overall", budget, m) for m in ("precision_at_1", "recall_at_5"))
+        print(f"| {budget} | {100 * p1:.1f} | {100 * r5:.1f} |")
+    print(f"\ndemo: result written to {result.to_json(args.json)}")
+    if args.plot:
+        others = [path for path in args.compare if Path(path).is_file()]
+        plot = plot_results([result, *others], args.plot, title="Test-split retrieval: mean P@1 over tasks")
+        print(f"demo: plot written to {plot} ({1 + len(others)} lines)")
     return 0

@@ -257,7 +257,8 @@ def _load_hub(repo: str, names: Sequence[str] | None, image_root: str | Path | N
 
 
 # ---------------------------------------------------------------------------------------- scoring
-def _items(keys: Sequence[ItemKey], root: Path | None) -> list[dict]:
+def model_items(keys: Sequence[ItemKey], root: Path | None) -> list[dict]:
+    """Encoder inputs ({"text", "image"} dicts, image paths resolved under ``root``) for item keys."""
     return [{"text": t, "image": (root / i) if (i and root is not None) else i} for t, i in keys]
 
 
@@ -293,13 +294,13 @@ def score_dataset(
     if progress:
         progress(f"{dataset.name}: encoding {len(query_keys)} queries and {len(candidate_keys)} candidates once")
     q = check_encoded(
-        encoder.encode_queries(_items(query_keys, dataset.image_root), batch_size=batch_size),
+        encoder.encode_queries(model_items(query_keys, dataset.image_root), batch_size=batch_size),
         len(query_keys),
         "query",
         budgets,
     )
     c = check_encoded(
-        encoder.encode_candidates(_items(candidate_keys, dataset.image_root), batch_size=batch_size),
+        encoder.encode_candidates(model_items(candidate_keys, dataset.image_root), batch_size=batch_size),
         len(candidate_keys),
         "candidate",
         budgets,
