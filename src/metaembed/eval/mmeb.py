@@ -183,7 +183,7 @@ def load_datasets(
     if not directory.is_dir():
         raise EvalDataError(f"MMEB data {str(source)!r} is neither a folder nor a hub id 'owner/name'")
     available = list_local_datasets(directory)
-    if not available and (directory / "eval").is_dir():
+    if (directory / "eval").is_dir() and (not available or (directory / "manifest.json").is_file()):
         # a data builder's source folder: data/<source>/eval/<task>.jsonl, image paths relative to data/<source>/
         image_root = directory if image_root is None else image_root
         directory = directory / "eval"
