@@ -1,0 +1,482 @@
+"""The FastAPI application: routes, error envelope, body limit, metrics.
+
+Every handler is a plain ``def`` (FastAPI runs it in a worker thread), parses and checks its input,
+hands encode work to the :class:`~metaembed.serve.batcher.EncodeBatcher` and waits for it with a
+deadline. Errors use OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``; anything a
+request can cause is a 4xx, and an unexpected failure is a logged 500 without internals in the body.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metaembed.budget import Budget
+from metaembed.errors import BudgetError, MetaEmbedError
+from metaembed.model.items import Item
+from metaembed.serve import schemas
+from metaembed.serve.batcher import EncodeBatcher, Encoded
+from metaembed.serve.config import ServeConfig
+from metaembed.serve.errors import (
+    BadRequestError,
+    EncodeTimeoutError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServeError,
+)
+from metaembed.serve.inputs import check_text, to_item
+from metaembed.serve.metrics import Metrics
+from metaembed.serve.security import check_bearer
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 512
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorResponse, "description": text}
+    for code, text in {
+        400: "bad input (what was wrong is in error.message)",
+        413: "request, item or image too large",
+        422: "request body does not match the schema",
+        503: "encode queue full",
+        504: "encode did not finish in time",
+    }.items()
+}
+AUTH_RESPONSES = {
+    **ERROR_RESPONSES,
+    401: {"model": schemas.ErrorResponse, "description": "missing or wrong API key"},
+    403: {"model": schemas.ErrorResponse, "description": "index writes disabled (no API key configured)"},
+    404: {"model": schemas.ErrorResponse, "description": "unknown ids"},
+}
+BEARER = HTTPBearer(auto_error=False, description="the server's API key (METAEMBED_API_KEY or --api-key-file)")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+
+
+class ErrorJSON(JSONResponse):
+    """Error bodies are ASCII-escaped JSON, so even a message quoting broken Unicode renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None, headers=None) -> ErrorJSON:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    return ErrorJSON(body, status_code=status, headers=headers)
+
+
+class _RWLock:
+    """Many concurrent searches, one writer at a time (writers wait for running searches)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    def read(self):
+        return _Held(self, write=False)
+
+    def write(self):
+        return _Held(self, write=True)
+
+
+class _Held:
+    def __init__(self, lock: _RWLock, write: bool) -> None:
+        self.lock, self.write = lock, write
+
+    def __enter__(self) -> None:
+        with self.lock._cond:
+            if self.write:
+                self.lock._cond.wait_for(lambda: not self.lock._writing and self.lock._readers == 0)
+                self.lock._writing = True
+            else:
+                self.lock._cond.wait_for(lambda: not self.lock._writing)
+                self.lock._readers += 1
+
+    def __exit__(self, *exc) -> None:
+        with self.lock._cond:
+            if self.write:
+                self.lock._writing = False
+            else:
+                self.lock._readers -= 1
+            self.lock._cond.notify_all()
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes (by Content-Length, and while streaming)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_large = error_response(
+            413, f"request body exceeds {self.limit:,} bytes", PayloadTooLargeError.error_type, "body"
+        )
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await error_response(400, "invalid Content-Length header", "invalid_request_error")(
+                    scope, receive, send
+                )
+            if declared > self.limit:
+                return await too_large(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
+    """A FastAPI app serving ``model`` (a MetaEmbedModel) and ``index`` (an index, or ``None`` for none).
+
+    The app owns an encode worker thread, started now and stopped when the app shuts down.
+    """
+    config = config or ServeConfig()
+    model.eval()
+    metrics = Metrics()
+    batcher = EncodeBatcher(
+        model,
+        batching=config.batching,
+        max_batch_items=config.max_batch_items,
+        max_batch_wait_ms=config.max_batch_wait_ms,
+        queue_size=config.queue_size,
+        on_batch=metrics.observe_batch,
+    )
+    index_lock = _RWLock()
+    n_query, n_candidate, dim = model.num_vectors("query"), model.num_vectors("candidate"), model.embedding_dim
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    if index is not None:
+        metrics.index_items.set_function(lambda: len(index))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = max(64, config.queue_size // 2)
+        try:
+            yield
+        finally:
+            batcher.close()
+            closer = getattr(index, "close", None)
+            if callable(closer):
+                closer()
+
+    app = FastAPI(
+        title="metaembed",
+        version=_version(),
+        summary="MetaEmbed multi-vector embeddings and budgeted MaxSim search",
+        description=(
+            "OpenAI-style `/v1/embeddings` returning r × D multi-vector embeddings, `/v1/search` over the "
+            "index at a per-request budget `R_QxR_C`, and API-key-guarded index writes."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.batcher, app.state.config, app.state.index, app.state.metrics = batcher, config, index, metrics
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.requests.labels(path, str(status)).inc()
+            metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+    # -------------------------------------------------------------------------------- errors
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, error: ServeError):
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        if error.status == 503:
+            headers = {"Retry-After": "1"}
+        return error_response(error.status, str(error), error.error_type, error.param, headers)
+
+    @app.exception_handler(MetaEmbedError)
+    async def metaembed_error(request: Request, error: MetaEmbedError):
+        param = "budget" if isinstance(error, BudgetError) else None
+        status = 404 if isinstance(error, KeyError | LookupError) else 400
+        return error_response(status, _message(error), "invalid_request_error", param)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        problems = []
+        for problem in error.errors()[:10]:
+            where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+            problems.append(f"{where}: {problem.get('msg', 'invalid')}")
+        return error_response(422, "invalid request: " + "; ".join(problems), "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        return error_response(error.status_code, str(error.detail), "invalid_request_error", headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+        return error_response(500, "internal server error (logged on the server)", "server_error")
+
+    # ------------------------------------------------------------------------------- helpers
+    def parse_items(values: Sequence[str | schemas.InputItem], what: str) -> list[Item]:
+        if len(values) > config.max_items:
+            raise PayloadTooLargeError(f"{len(values)} {what}; at most {config.max_items} per request", what)
+        items = []
+        for i, value in enumerate(values):
+            where = f"{what}[{i}]"
+            if isinstance(value, str):
+                items.append(to_item(value, None, where, config))
+            else:
+                items.append(to_item(value.text, value.image, where, config))
+        return items
+
+    def encode(items: list[Item], side: str) -> Encoded:
+        future = batcher.submit(items, side)
+        try:
+            return future.result(timeout=config.request_timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise EncodeTimeoutError(
+                f"encoding did not finish within {config.request_timeout_s:g} s (server busy); retry later"
+            ) from None
+
+    def require_index():
+        if index is None:
+            raise NotFoundError("this server has no index (start it with --index PATH)")
+        return index
+
+    # ------------------------------------------------------------------------------- routes
+    @app.post("/v1/embeddings", response_model=schemas.EmbeddingsResponse, responses=ERROR_RESPONSES)
+    def embeddings(body: schemas.EmbeddingsRequest) -> schemas.EmbeddingsResponse:
+        """Multi-vector embeddings in the OpenAI envelope: each item's ``embedding`` is r × D."""
+        side = "query" if body.input_type == "query" else "candidate"
+        keep = _side_vectors(body.budget, side, n_query, n_candidate)
+        if body.dimensions is not None and body.dimensions != dim:
+            raise BadRequestError(f"dimensions={body.dimensions}: this model has {dim} dimensions", "dimensions")
+        values = body.input if isinstance(body.input, list) else [body.input]
+        if not values:
+            raise BadRequestError("input is an empty list; send at least one item", "input")
+        encoded = encode(parse_items(values, "input"), side)
+        data = []
+        for i, vectors in enumerate(encoded.embeddings[:, :keep]):
+            if body.encoding_format == "base64":
+                blob = vectors.numpy().astype("<f2").tobytes()
+                embedding: Any = base64.b64encode(blob).decode("ascii")
+                dtype = "float16"
+            else:
+                embedding, dtype = vectors.tolist(), "float32"
+            data.append(schemas.EmbeddingObject(index=i, embedding=embedding, shape=[keep, dim], dtype=dtype))
+        tokens = sum(encoded.tokens)
+        return schemas.EmbeddingsResponse(
+            data=data,
+            model=config.model_name,
+            usage=schemas.Usage(prompt_tokens=tokens, total_tokens=tokens),
+            input_type=body.input_type,
+            num_vectors=keep,
+        )
+
+    @app.post("/v1/search", response_model=schemas.SearchResponse, responses=AUTH_RESPONSES)
+    def search(body: schemas.SearchRequest) -> schemas.SearchResponse:
+        """Encode the query, score it against the index at ``budget`` with MaxSim, return the top ``k``."""
+        start = time.perf_counter()
+        store = require_index()
+        budget = _budget(body.budget, n_query, n_candidate)
+        if body.k > config.max_k:
+            raise BadRequestError(f"k={body.k}: at most {config.max_k}", "k")
+        items = parse_items([body.query], "query")
+        encoded = encode(items, "query")
+        encoded_at = time.perf_counter()
+        queries = encoded.embeddings[:, : budget.r_q].numpy()
+        with index_lock.read():
+            found = _search(store, queries, budget, body.k, body.two_stage)
+        done = time.perf_counter()
+        return schemas.SearchResponse(
+            results=found,
+            budget=str(budget),
+            k=body.k,
+            two_stage=body.two_stage,
+            model=config.model_name,
+            timings=schemas.Timings(
+                encode_ms=(encoded_at - start) * 1000,
+                score_ms=(done - encoded_at) * 1000,
+                total_ms=(done - start) * 1000,
+            ),
+        )
+
+    @app.post("/v1/index/add", response_model=schemas.AddResponse, responses=AUTH_RESPONSES)
+    def index_add(body: schemas.AddRequest, credentials: Credentials) -> schemas.AddResponse:
+        """Encode items as candidates and add them under ``ids`` (``upsert`` replaces existing ids). Needs the key."""
+        _authorize(credentials, config.api_key)
+        store = require_index()
+        if len(body.ids) != len(body.items):
+            raise BadRequestError(f"{len(body.items)} items but {len(body.ids)} ids; send one id per item", "ids")
+        if body.metadata is not None and len(body.metadata) != len(body.items):
+            raise BadRequestError(
+                f"{len(body.items)} items but {len(body.metadata)} metadata entries; send one per item (or null)",
+                "metadata",
+            )
+        ids = _check_ids(body.ids)
+        metadata = _check_metadata(body.metadata)
+        embeddings = encode(parse_items(body.items, "items"), "candidate").embeddings.numpy()
+        with index_lock.write():
+            if body.upsert:
+                store.upsert(ids, embeddings, metadata=metadata)
+            else:
+                store.add(ids, embeddings, metadata=metadata)
+            size = len(store)
+        return schemas.AddResponse(added=len(ids), ids=ids, index_size=size)
+
+    @app.post("/v1/index/delete", response_model=schemas.DeleteResponse, responses=AUTH_RESPONSES)
+    def index_delete(body: schemas.DeleteRequest, credentials: Credentials) -> schemas.DeleteResponse:
+        """Delete items by id; unknown ids are refused (404) and nothing is deleted. Needs the key."""
+        _authorize(credentials, config.api_key)
+        store = require_index()
+        ids = _check_ids(body.ids)
+        with index_lock.write():
+            _delete(store, ids)
+            size = len(store)
+        return schemas.DeleteResponse(deleted=len(ids), index_size=size)
+
+    @app.get("/health", response_model=schemas.HealthResponse)
+    def health() -> schemas.HealthResponse:
+        """Liveness and what is being served."""
+        return schemas.HealthResponse(
+            status="ok",
+            model=config.model_name,
+            dim=dim,
+            num_query_vectors=n_query,
+            num_candidate_vectors=n_candidate,
+            index_size=None if index is None else len(index),
+            queue_depth=batcher.depth,
+            index_writes_enabled=config.api_key is not None and index is not None,
+        )
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    def prometheus() -> Response:
+        """Prometheus metrics: requests by route and status, latencies, encode batch sizes, queue depth."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _authorize(credentials, api_key: str | None) -> None:
+    header = None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
+    check_bearer(header, api_key)
+
+
+def _budget(spec, n_query: int, n_candidate: int) -> Budget:
+    if spec is None:
+        return Budget(n_query, n_candidate)
+    if isinstance(spec, int):
+        raise BudgetError(f"a search budget is 'R_QxR_C' like '4x8', got the int {spec}")
+    return Budget.parse(spec).validate(n_query, n_candidate)
+
+
+def _side_vectors(spec, side: str, n_query: int, n_candidate: int) -> int:
+    available = n_query if side == "query" else n_candidate
+    if spec is None:
+        return available
+    if isinstance(spec, int):
+        if not 1 <= spec <= available:
+            raise BudgetError(f"budget {spec}: a {side} has {available} vectors; allowed 1 ≤ budget ≤ {available}")
+        return spec
+    budget = Budget.parse(spec).validate(n_query, n_candidate)
+    return budget.r_q if side == "query" else budget.r_c
+
+
+def _check_ids(ids: list[str]) -> list[str]:
+    for i, item_id in enumerate(ids):
+        if not item_id or len(item_id) > MAX_ID_CHARS:
+            raise BadRequestError(f"ids[{i}]: an id has 1 to {MAX_ID_CHARS} characters", "ids")
+        check_text(item_id, f"ids[{i}]", MAX_ID_CHARS)
+    if len(set(ids)) != len(ids):
+        seen, duplicates = set(), []
+        for item_id in ids:
+            if item_id in seen:
+                duplicates.append(item_id)
+            seen.add(item_id)
+        raise BadRequestError(f"duplicate ids in one request: {duplicates[:5]!r}", "ids")
+    return list(ids)
+
+
+def _check_metadata(metadata: list[dict | None] | None) -> list[dict | None] | None:
+    if metadata is None:
+        return None
+    for i, entry in enumerate(metadata):
+        if entry is None:
+            continue
+        try:
+            json.dumps(entry, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (ValueError, TypeError, UnicodeEncodeError) as error:
+            raise BadRequestError(
+                f"metadata[{i}] is not storable JSON (no NaN/Infinity, valid Unicode only): {error}", "metadata"
+            ) from None
+    return metadata
+
+
+def _search(store, queries: np.ndarray, budget: Budget, k: int, two_stage: bool) -> list[schemas.SearchHit]:
+    results = store.search(queries, budget, k, two_stage=two_stage)
+    ids, scores, metadata = results.ids[0], results.scores[0], results.metadata[0] if results.metadata else None
+    hits = []
+    for rank, (item_id, score) in enumerate(zip(ids, scores, strict=True)):
+        if item_id is None or not math.isfinite(float(score)):
+            continue
+        meta = metadata[rank] if metadata is not None else None
+        hits.append(schemas.SearchHit(id=str(item_id), score=float(score), metadata=meta))
+    return hits
+
+
+def _delete(store, ids: list[str]) -> None:
+    store.delete(ids)
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("metaembed")
+    except PackageNotFoundError:
+        return "0.0.0"
