@@ -1,0 +1,201 @@
+"""The index protocol every backend (embedded store, Qdrant) implements, plus its result type and errors.
+
+An index stores items: a user string id, a dense ``(R_c, D)`` multi-vector embedding and an optional JSON
+metadata dict. ``search`` scores queries ``(nq, R_q, D)`` at a budget ``(r_q, r_c)`` with exact MaxSim
+(or a two-stage cascade: coarse candidates from the (1,1) vectors, exact rerank at the budget) and
+returns the top ``k`` ids, scores and metadata per query, best first.
+
+Code against :class:`Index` (a ``typing.Protocol``) and open indexes with
+``metaembed.index.create_index`` / ``metaembed.index.open_index``. Every write is atomic and durable
+when it returns: bad input raises before anything is written, and a crash mid-write leaves the index as
+it was before the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from metaembed.budget import Budget
+from metaembed.errors import InputError, MetaEmbedError
+
+DType = Literal["fp32", "bf16", "int8"]
+DTYPES: tuple[str, ...] = ("fp32", "bf16", "int8")
+BYTES_PER_VALUE: dict[str, int] = {"fp32": 4, "bf16": 2, "int8": 1}
+"""Bytes per stored value; int8 adds a 4-byte fp32 scale per vector (see ``stats()['bytes_per_budget']``)."""
+
+BudgetLike = Budget | str | tuple[int, int]
+
+
+# ---------------------------------------------------------------- errors
+
+
+class IndexError_(MetaEmbedError):
+    """Base class of index errors (named with a trailing underscore so it never shadows builtins.IndexError)."""
+
+
+class IndexFormatError(IndexError_, ValueError):
+    """A path that is not a metaembed index, or whose files are truncated, corrupt or of an unknown version."""
+
+
+class IndexNotFoundError(IndexError_, FileNotFoundError):
+    """``open_index`` on a path that holds no index."""
+
+
+class IndexExistsError(IndexError_, FileExistsError):
+    """``create_index`` on a path that already holds an index (open it instead)."""
+
+
+class IndexLockedError(IndexError_, RuntimeError):
+    """A second writer: only one process may write an index at a time (readers are unlimited)."""
+
+
+class ReadOnlyIndexError(IndexError_, PermissionError):
+    """A write on an index opened with ``read_only=True``."""
+
+
+class DuplicateIdError(InputError):
+    """An ``add`` whose ids repeat within the call or already exist in the index (use ``upsert`` to replace)."""
+
+
+class UnknownIdError(InputError):
+    """A ``delete`` (or lookup) naming ids the index does not hold; nothing is deleted."""
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class SearchResults:
+    """Top-k results per query, best first.
+
+    ``k' = min(k, len(index))`` (two-stage search may return fewer when the coarse stage finds fewer
+    candidates). ``scores[i, j]`` is the MaxSim score of ``ids[i][j]`` at the search budget.
+    """
+
+    ids: list[list[str]]
+    scores: torch.Tensor  # (nq, k') float32
+    metadata: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ---------------------------------------------------------------- protocol
+
+
+@runtime_checkable
+class Index(Protocol):
+    """What the service, the CLI and the evaluators code against. Backends: ``embedded`` (default), ``qdrant``."""
+
+    dim: int
+    """D, the embedding width."""
+    num_vectors: int
+    """R_c, vectors stored per item (the largest candidate budget the index can serve)."""
+    dtype: str
+    """Storage dtype: "fp32", "bf16" or "int8" (per-vector fp32 scale)."""
+
+    def add(
+        self, ids: Sequence[str], embeddings: torch.Tensor, metadata: Sequence[dict[str, Any]] | None = None
+    ) -> None:
+        """Store new items. ``embeddings`` is ``(N, R_c, D)`` floating with R_c = ``num_vectors`` and D = ``dim``.
+
+        Raises DuplicateIdError if an id repeats in the call or already exists; ShapeError on wrong R or D;
+        InputError on empty/invalid ids or non-JSON metadata. Nothing is stored when it raises.
+        """
+        ...
+
+    def upsert(
+        self, ids: Sequence[str], embeddings: torch.Tensor, metadata: Sequence[dict[str, Any]] | None = None
+    ) -> None:
+        """Like ``add``, but ids that exist are replaced (atomically with the insert)."""
+        ...
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove items. Raises UnknownIdError (nothing deleted) if any id is not in the index."""
+        ...
+
+    def search(
+        self,
+        queries: torch.Tensor,
+        budget: BudgetLike,
+        k: int = 10,
+        *,
+        two_stage: bool = False,
+        candidates: int | None = None,
+    ) -> SearchResults:
+        """Top-``k`` items per query by MaxSim at ``budget``. ``queries`` is ``(nq, R_q, D)``.
+
+        ``two_stage=True`` takes ``candidates`` coarse hits per query from the (1,1) vectors with an ANN
+        index, then reranks them exactly at ``budget``. Raises BudgetError if ``budget.r_c > num_vectors``
+        or ``budget.r_q > R_q``.
+        """
+        ...
+
+    def get(self, ids: Sequence[str]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Stored embeddings ``(n, R_c, D)`` (float32, dequantised) and metadata of ``ids``."""
+        ...
+
+    def __contains__(self, item_id: object) -> bool: ...
+
+    def __len__(self) -> int:
+        """Number of live (not deleted) items."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """``count``, ``dim``, ``num_vectors``, ``dtype``, ``backend``, ``bytes_on_disk`` and ``bytes_per_budget``
+        (a dict ``"r_qxr_c" -> bytes of candidate vectors that budget reads``, over the ladder budgets that fit)."""
+        ...
+
+    def save(self) -> None:
+        """Make everything durable. Writes are already durable when they return; this is a no-op flush point."""
+        ...
+
+    def close(self) -> None:
+        """Release files and locks. The index object must not be used afterwards."""
+        ...
+
+    def __enter__(self) -> Index: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def budget_bytes(n_items: int, dim: int, dtype: str, budgets: Sequence[Budget], num_vectors: int) -> dict[str, int]:
+    """Bytes of candidate vectors each budget reads (int8 includes its 4-byte per-vector scales)."""
+    out: dict[str, int] = {}
+    for budget in budgets:
+        if budget.r_c > num_vectors:
+            continue
+        per_vector = dim * BYTES_PER_VALUE[dtype] + (4 if dtype == "int8" else 0)
+        out[str(budget)] = n_items * budget.r_c * per_vector
+    return out
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise InputError(f"unknown index dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return dtype
+
+
+def check_ids(ids: Sequence[str], *, what: str = "ids") -> list[str]:
+    """Validate user ids: a sequence of non-empty str, each encodable as UTF-8 (no lone surrogates)."""
+    if isinstance(ids, str | bytes):
+        raise InputError(f"{what} must be a sequence of strings, got a single {type(ids).__name__}")
+    out: list[str] = []
+    for i, item_id in enumerate(ids):
+        if not isinstance(item_id, str):
+            raise InputError(f"{what}[{i}] must be a str, got {type(item_id).__name__} {item_id!r}")
+        if not item_id:
+            raise InputError(f"{what}[{i}] is empty; ids are non-empty strings")
+        try:
+            item_id.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InputError(
+                f"{what}[{i}] = {item_id!r} is not valid UTF-8 ({error.reason} at position {error.start}); "
+                "ids must be valid Unicode text without lone surrogates"
+            ) from None
+        out.append(item_id)
+    return out

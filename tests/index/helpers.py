@@ -1,0 +1,28 @@
+"""Shared helpers for the index tests: deterministic embeddings and directory digests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+
+def embeddings(n: int, r: int = 64, d: int = 16, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, r, d, generator=gen), dim=-1)
+
+
+def item_embedding(item_id: str, r: int, d: int) -> torch.Tensor:
+    """The embedding a crash-test writer stores for ``item_id`` (a pure function of the id)."""
+    seed = int(hashlib.sha256(item_id.encode()).hexdigest()[:12], 16)
+    return embeddings(1, r, d, seed)[0]
+
+
+def digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (LOCK excluded: it is empty and only a flock target)."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != "LOCK"
+    }

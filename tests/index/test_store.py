@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import runpy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaembed import Budget, maxsim
+from metaembed.index import IndexLockedError, ReadOnlyIndexError, SearchResults, create_index, open_index
+from metaembed.index.base import Index
+from metaembed.index.store import quantize_int8
+
+embeddings = runpy.run_path(str(Path(__file__).with_name("helpers.py")))["embeddings"]
+
+# bf16 GEMM outputs carry bf16 rounding (~2⁻⁹ relative on each dot product); int8 is exact after dequantising.
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.05, "int8": 1e-4}
+
+
+def dequantised(c: torch.Tensor, dtype: str) -> torch.Tensor:
+    if dtype == "fp32":
+        return c.double()
+    if dtype == "bf16":
+        return c.bfloat16().double()
+    codes, scale = quantize_int8(c)
+    return codes.double() * scale[..., None].double()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_search_equals_float64_reference_at_every_budget(tmp_path, dtype):
+    c = embeddings(120, seed=1)
+    q = embeddings(4, 16, seed=2)
+    ids = [f"doc-{i}" for i in range(120)]
+    with create_index(tmp_path / "ix", dim=16, num_vectors=64, dtype=dtype) as ix:
+        assert isinstance(ix, Index)
+        ix.add(ids[:70], c[:70], [{"i": i} for i in range(70)])
+        ix.add(ids[70:], c[70:])  # two segments
+        ref_c = dequantised(c, dtype)
+        for budget in [*Budget.LADDER, Budget(3, 5)]:
+            res = ix.search(q, budget, k=7)
+            assert isinstance(res, SearchResults)
+            assert res.scores.dtype == torch.float32 and res.scores.shape == (4, 7)
+            ref = maxsim(q.double(), ref_c, budget)
+            top = ref.topk(7, dim=1)
+            torch.testing.assert_close(res.scores.double(), top.values, rtol=0, atol=TOLERANCE[dtype])
+            # returned ids carry exactly their reference scores
+            got = torch.tensor([[ref[i, int(x.split("-")[1])] for x in row] for i, row in enumerate(res.ids)])
+            torch.testing.assert_close(res.scores.double(), got.double(), rtol=0, atol=TOLERANCE[dtype])
+            if dtype != "bf16":
+                assert res.ids == [[ids[j] for j in row] for row in top.indices.tolist()]
+        assert res.metadata[0][0] == ({"i": int(res.ids[0][0][4:])} if int(res.ids[0][0][4:]) < 70 else {})
+
+
+def test_int8_roundtrip_and_get(tmp_path):
+    c = embeddings(10, seed=3)
+    with create_index(tmp_path / "ix", 16, 64, dtype="int8") as ix:
+        ix.add([str(i) for i in range(10)], c)
+        got, meta = ix.get(["3", "7"])
+    codes, scale = quantize_int8(c)
+    torch.testing.assert_close(got, (codes.float() * scale[..., None])[[3, 7]])
+    assert (got - c[[3, 7]]).abs().max() < 0.5 / 127 + 1e-6
+    assert meta == [{}, {}]
+
+
+def test_upsert_delete_compact_and_reopen(tmp_path):
+    c = embeddings(30, seed=4)
+    path = tmp_path / "ix"
+    with create_index(path, 16, 64, dtype="fp32") as ix:
+        ix.add([f"a{i}" for i in range(20)], c[:20])
+        ix.upsert(["a0", "new"], c[20:22], [{"v": 2}, {"v": 3}])
+        ix.delete(["a5", "a6"])
+        assert len(ix) == 19 and "a5" not in ix and "new" in ix
+        got, meta = ix.get(["a0"])
+        torch.testing.assert_close(got[0], c[20])
+        assert meta == [{"v": 2}]
+        before = ix.search(c[:3, :16], "4x8", k=5)
+        assert ix.stats()["deleted_rows"] == 3
+        ix.compact()
+        assert ix.stats()["segments"] == 1 and ix.stats()["deleted_rows"] == 0
+        after = ix.search(c[:3, :16], "4x8", k=5)
+        assert before.ids == after.ids
+        torch.testing.assert_close(before.scores, after.scores)
+    with open_index(path) as ix:
+        assert len(ix) == 19
+        assert ix.search(c[:3, :16], "4x8", k=5).ids == before.ids
+        assert sorted(p.name for p in path.iterdir() if p.name.startswith("seg-")).__len__() == 6  # one segment
+
+
+def test_budget_reads_only_its_groups(tmp_path):
+    with create_index(tmp_path / "ix", 8, 64, dtype="bf16") as ix:
+        ix.add(["x", "y"], embeddings(2, d=8))
+        groups, _ = ix._groups_for(ix.segments[0], Budget(1, 4), slice(None))
+        assert [g.shape[1] for g in groups] == [1, 3]
+        stats = ix.stats()
+    assert stats["bytes_per_budget"] == {"1x1": 32, "2x4": 128, "4x8": 256, "8x16": 512, "16x64": 2048}
+    assert stats["count"] == 2 and stats["dtype"] == "bf16"
+
+
+def test_group_bounds_for_other_widths(tmp_path):
+    with create_index(tmp_path / "ix", 4, 20, dtype="fp32") as ix:
+        assert ix.bounds == [0, 1, 4, 8, 16, 20]
+        c = embeddings(5, 20, 4)
+        ix.add(list("abcde"), c)
+        q = embeddings(2, 3, 4, seed=9)
+        res = ix.search(q, "3x20", k=5)
+        torch.testing.assert_close(res.scores.double(), maxsim(q.double(), c.double(), "3x20").sort(1, True).values)
+
+
+def test_empty_index_and_k_larger_than_count(tmp_path):
+    with create_index(tmp_path / "ix", 4, 8, dtype="fp32") as ix:
+        res = ix.search(embeddings(2, 2, 4), "1x1", k=5)
+        assert res.ids == [[], []] and res.scores.shape == (2, 0)
+        ix.add(["a", "b"], embeddings(2, 8, 4))
+        assert ix.search(embeddings(2, 2, 4), "1x1", k=5).scores.shape == (2, 2)
+
+
+def test_single_writer_lock_and_read_only(tmp_path):
+    path = tmp_path / "ix"
+    ix = create_index(path, 4, 8, dtype="fp32")
+    with pytest.raises(IndexLockedError, match="read_only"):
+        open_index(path)
+    reader = open_index(path, read_only=True)
+    with pytest.raises(ReadOnlyIndexError):
+        reader.add(["a"], embeddings(1, 8, 4))
+    ix.add(["a"], embeddings(1, 8, 4))
+    assert len(reader) == 1  # refreshed on read
+    ix.close()
+    open_index(path).close()  # the lock is released on close
+    reader.close()
+
+
+READER = textwrap.dedent(
+    """
+    import sys, torch
+    from metaembed.index import open_index
+    ix = open_index(sys.argv[1], read_only=True)
+    q = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)
+    seen = set()
+    while True:
+        n = len(ix)
+        res = ix.search(q, "4x16", k=3)
+        assert n % 10 == 0, n                           # whole batches only
+        ids = {i for row in res.ids for i in row}
+        got, _ = ix.get(sorted(ids))                    # every hit is fully readable
+        assert torch.isfinite(got).all()
+        seen.add(n)
+        if n == 200:
+            break
+    print(len(seen))
+    """
+)
+
+
+def test_reader_process_sees_consistent_snapshots_while_writer_appends(tmp_path):
+    path = tmp_path / "ix"
+    ix = create_index(path, 8, 16, dtype="bf16")
+    ix.add([f"i{j}" for j in range(10)], embeddings(10, 16, 8))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for batch in range(1, 20):
+        ix.add([f"i{batch}-{j}" for j in range(10)], embeddings(10, 16, 8, seed=batch))
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err
+    assert int(out) >= 1
+    ix.close()
