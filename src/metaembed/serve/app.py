@@ -19,7 +19,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -231,9 +230,10 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(MetaEmbedError)
     async def metaembed_error(request: Request, error: MetaEmbedError):
-        param = "budget" if isinstance(error, BudgetError) else None
-        status = 404 if isinstance(error, KeyError | LookupError) else 400
-        return error_response(status, _message(error), "invalid_request_error", param)
+        status, error_type, param = _classify(error)
+        if status >= 500:
+            log.error("index or model error on %s %s: %s", request.method, request.url.path, error)
+        return error_response(status, str(error), error_type, param)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
@@ -321,7 +321,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
         items = parse_items([body.query], "query")
         encoded = encode(items, "query")
         encoded_at = time.perf_counter()
-        queries = encoded.embeddings[:, : budget.r_q].numpy()
+        queries = encoded.embeddings[:, : budget.r_q]
         with index_lock.read():
             found = _search(store, queries, budget, body.k, body.two_stage)
         done = time.perf_counter()
@@ -352,7 +352,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
             )
         ids = _check_ids(body.ids)
         metadata = _check_metadata(body.metadata)
-        embeddings = encode(parse_items(body.items, "items"), "candidate").embeddings.numpy()
+        embeddings = encode(parse_items(body.items, "items"), "candidate").embeddings
         with index_lock.write():
             if body.upsert:
                 store.upsert(ids, embeddings, metadata=metadata)
@@ -368,7 +368,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
         store = require_index()
         ids = _check_ids(body.ids)
         with index_lock.write():
-            _delete(store, ids)
+            store.delete(ids)
             size = len(store)
         return schemas.DeleteResponse(deleted=len(ids), index_size=size)
 
@@ -451,26 +451,45 @@ def _check_metadata(metadata: list[dict | None] | None) -> list[dict | None] | N
     return metadata
 
 
-def _search(store, queries: np.ndarray, budget: Budget, k: int, two_stage: bool) -> list[schemas.SearchHit]:
-    results = store.search(queries, budget, k, two_stage=two_stage)
-    ids, scores, metadata = results.ids[0], results.scores[0], results.metadata[0] if results.metadata else None
-    hits = []
-    for rank, (item_id, score) in enumerate(zip(ids, scores, strict=True)):
-        if item_id is None or not math.isfinite(float(score)):
-            continue
-        meta = metadata[rank] if metadata is not None else None
-        hits.append(schemas.SearchHit(id=str(item_id), score=float(score), metadata=meta))
-    return hits
+def _classify(error: MetaEmbedError) -> tuple[int, str, str | None]:
+    """HTTP status, error type and param for an error raised by the model or the index."""
+    from metaembed.index.base import (
+        DuplicateIdError,
+        IndexError_,
+        IndexFormatError,
+        IndexLockedError,
+        ReadOnlyIndexError,
+        UnknownIdError,
+    )
+
+    if isinstance(error, UnknownIdError):
+        return 404, "not_found", "ids"
+    if isinstance(error, DuplicateIdError):
+        return 409, "conflict", "ids"
+    if isinstance(error, BudgetError):
+        return 400, "invalid_request_error", "budget"
+    if isinstance(error, ReadOnlyIndexError | IndexLockedError):
+        return 503, "index_unavailable", None
+    if isinstance(error, IndexFormatError) or (isinstance(error, IndexError_) and not isinstance(error, ValueError)):
+        return 500, "server_error", None  # the server's own files, not the request
+    return 400, "invalid_request_error", None
 
 
-def _delete(store, ids: list[str]) -> None:
-    store.delete(ids)
-
-
-def _message(error: Exception) -> str:
-    if isinstance(error, KeyError) and error.args:
-        return str(error.args[0])
-    return str(error)
+def _search(store, queries, budget: Budget, k: int, two_stage: bool) -> list[schemas.SearchHit]:
+    try:
+        results = store.search(queries, budget, k, two_stage=two_stage)
+    except ModuleNotFoundError as error:
+        if two_stage and "two_stage" in str(error):
+            raise BadRequestError("two-stage search is not available in this build; use two_stage=false") from None
+        raise
+    ids = results.ids[0] if results.ids else []
+    scores = results.scores[0].tolist() if len(results.ids) else []
+    metadata = results.metadata[0] if results.metadata else [None] * len(ids)
+    return [
+        schemas.SearchHit(id=str(item_id), score=float(score), metadata=meta or None)
+        for item_id, score, meta in zip(ids, scores, metadata, strict=True)
+        if math.isfinite(score)
+    ]
 
 
 def _version() -> str:

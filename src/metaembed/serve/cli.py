@@ -72,27 +72,23 @@ def build(args: argparse.Namespace):
     return create_app(model, index, config)
 
 
-def open_or_create_index(path: str | Path, model, dtype: str = "bfloat16"):
+def open_or_create_index(path: str | Path, model, dtype: str = "bf16"):
     """Open the index at ``path``, or create an empty one sized for ``model`` (its D and R_c)."""
     from metaembed.errors import InputError
-    from metaembed.index.base import create_index, open_index
+    from metaembed.index import create_index, open_index
 
     path = Path(path)
-    if path.exists():
+    if path.exists() and any(path.iterdir()):
         index = open_index(path)
-        stats = index.stats()
-        dim, vectors = _stat(stats, "dim"), _stat(stats, "num_vectors")
-        if (dim, vectors) != (None, None) and (dim, vectors) != (model.embedding_dim, model.num_vectors("candidate")):
+        dim, vectors = index.dim, index.num_vectors
+        if (dim, vectors) != (model.embedding_dim, model.num_vectors("candidate")):
+            index.close()
             raise InputError(
                 f"index {str(path)!r} holds {vectors} vectors of dimension {dim}, but the model makes "
                 f"{model.num_vectors('candidate')} of dimension {model.embedding_dim}; use a matching index"
             )
         return index
     return create_index(path, model.embedding_dim, model.num_vectors("candidate"), dtype=dtype)
-
-
-def _stat(stats, name: str):
-    return stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
 
 
 def run(args: argparse.Namespace) -> int:
