@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import io
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # for serve_images (tests use importlib import mode)
 
 API_KEY = "test-key-0123456789abcdef"
 
@@ -41,15 +43,3 @@ def make_client(serve_model):
     yield build
     for client in clients:
         client.__exit__(None, None, None)
-
-
-def png_bytes(width: int = 40, height: int = 32, colour=(200, 30, 30), fmt: str = "PNG") -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"

@@ -137,25 +137,29 @@ class BodyLimit:
                 )
             if declared > self.limit:
                 return await too_large(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        # Read the whole body here (at most ``limit`` bytes), then replay it: a chunked upload without
+        # Content-Length is cut off as soon as it passes the limit, and the app never sees it.
+        messages, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                messages.append(message)
+                break
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                return await too_large(scope, receive, send)
+            messages.append(message)
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
+        async def replay_receive():
+            try:
+                return next(replay)
+            except StopIteration:
+                return await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay_receive, send)
 
 
 def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
