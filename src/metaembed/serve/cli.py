@@ -25,9 +25,9 @@ def register(subparsers) -> None:
     parser.add_argument("--device", help="torch device for the model, e.g. cuda (default cpu)")
     parser.add_argument(
         "--index-dtype",
-        default="bfloat16",
-        choices=("float32", "bfloat16", "int8"),
-        help="storage dtype when the index is created (default bfloat16)",
+        default="bf16",
+        choices=("fp32", "bf16", "int8"),
+        help="storage dtype when the index is created (default bf16)",
     )
     parser.add_argument("--no-batching", action="store_true", help="encode each request on its own")
     parser.add_argument("--max-batch-items", type=int, default=32, help="items per forward pass (default 32)")
