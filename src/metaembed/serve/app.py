@@ -55,12 +55,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         504: "encode did not finish in time",
     }.items()
 }
-AUTH_RESPONSES = {
-    **ERROR_RESPONSES,
-    401: {"model": schemas.ErrorResponse, "description": "missing or wrong API key"},
-    403: {"model": schemas.ErrorResponse, "description": "index writes disabled (no API key configured)"},
-    404: {"model": schemas.ErrorResponse, "description": "unknown ids"},
-}
+
+
+def _responses(**extra: str) -> dict[int | str, dict[str, Any]]:
+    codes = {int(code.lstrip("_")): text for code, text in extra.items()}
+    return {**ERROR_RESPONSES, **{c: {"model": schemas.ErrorResponse, "description": t} for c, t in codes.items()}}
+
+
+SEARCH_RESPONSES = _responses(_404="no index configured")
+AUTH = {"_401": "missing or wrong API key", "_403": "index writes disabled (no API key configured)"}
+ADD_RESPONSES = _responses(**AUTH, _404="no index configured", _409="ids already in the index (use upsert)")
+DELETE_RESPONSES = _responses(**AUTH, _404="unknown ids (nothing deleted), or no index configured")
 BEARER = HTTPBearer(auto_error=False, description="the server's API key (METAEMBED_API_KEY or --api-key-file)")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 
@@ -314,7 +319,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
             num_vectors=keep,
         )
 
-    @app.post("/v1/search", response_model=schemas.SearchResponse, responses=AUTH_RESPONSES)
+    @app.post("/v1/search", response_model=schemas.SearchResponse, responses=SEARCH_RESPONSES)
     def search(body: schemas.SearchRequest) -> schemas.SearchResponse:
         """Encode the query, score it against the index at ``budget`` with MaxSim, return the top ``k``."""
         start = time.perf_counter()
@@ -342,7 +347,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
             ),
         )
 
-    @app.post("/v1/index/add", response_model=schemas.AddResponse, responses=AUTH_RESPONSES)
+    @app.post("/v1/index/add", response_model=schemas.AddResponse, responses=ADD_RESPONSES)
     def index_add(body: schemas.AddRequest, credentials: Credentials) -> schemas.AddResponse:
         """Encode items as candidates and add them under ``ids`` (``upsert`` replaces existing ids). Needs the key."""
         _authorize(credentials, config.api_key)
@@ -365,7 +370,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
             size = len(store)
         return schemas.AddResponse(added=len(ids), ids=ids, index_size=size)
 
-    @app.post("/v1/index/delete", response_model=schemas.DeleteResponse, responses=AUTH_RESPONSES)
+    @app.post("/v1/index/delete", response_model=schemas.DeleteResponse, responses=DELETE_RESPONSES)
     def index_delete(body: schemas.DeleteRequest, credentials: Credentials) -> schemas.DeleteResponse:
         """Delete items by id; unknown ids are refused (404) and nothing is deleted. Needs the key."""
         _authorize(credentials, config.api_key)

@@ -27,7 +27,15 @@ BudgetSpec = str | int
 
 
 class EmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"input": ["a red bicycle", "two dogs on a beach"], "input_type": "query", "budget": "4x8"},
+                {"input": "quarterly revenue table", "encoding_format": "base64", "budget": 8},
+            ]
+        },
+    )
     input: Input | list[Input] = Field(..., description="one item or a list; a plain string is text")
     model: str | None = Field(None, description="accepted for OpenAI compatibility; the server has one model")
     input_type: Literal["query", "document"] = Field(
@@ -67,7 +75,9 @@ class EmbeddingsResponse(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"query": "a red bicycle", "budget": "4x8", "k": 5}]}
+    )
     query: Input = Field(..., description="text, or an item with text and/or image")
     budget: BudgetSpec | None = Field(None, description="'R_QxR_C', e.g. '4x8'; default the full budget")
     k: int = Field(10, ge=1, description="results to return")
@@ -97,7 +107,18 @@ class SearchResponse(BaseModel):
 
 
 class AddRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": ["a red bicycle", "two dogs on a beach"],
+                    "ids": ["bike", "dogs"],
+                    "metadata": [{"src": "demo"}, None],
+                }
+            ]
+        },
+    )
     items: list[Input] = Field(..., min_length=1, description="candidates to encode (document side)")
     ids: list[str] = Field(..., min_length=1, description="one unique id per item")
     metadata: list[dict[str, Any] | None] | None = Field(None, description="one JSON object (or null) per item")
@@ -112,7 +133,7 @@ class AddResponse(BaseModel):
 
 
 class DeleteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ids": ["bike"]}]})
     ids: list[str] = Field(..., min_length=1)
 
 
