@@ -101,6 +101,8 @@ def test_add_errors_leave_the_index_unchanged(indexed):
         ({"items": ["x"], "ids": [""]}, 400, "ids[0]"),
         ({"items": [{"image": "data:image/png;base64,@@"}], "ids": ["bad"]}, 400, "base64"),
         ({"items": [], "ids": []}, 422, "items"),
+        ({"items": ["x"], "ids": ["deep"], "metadata": [{"a": _nested(40)}]}, 400, "at most 32"),
+        ({"items": ["x"], "ids": ["big"], "metadata": [{"a": "x" * 70_000}]}, 413, "at most 65,536"),
     ]
     for body, status, says in cases:
         response = indexed.post("/v1/index/add", json=body, headers=AUTH)
@@ -110,6 +112,21 @@ def test_add_errors_leave_the_index_unchanged(indexed):
     response = indexed.post("/v1/index/add", content=raw, headers={**AUTH, "content-type": "application/json"})
     assert response.status_code in (400, 422), response.text
     assert indexed.get("/health").json()["index_size"] == 5
+
+
+def _nested(depth: int):
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_metadata_that_was_accepted_comes_back(indexed):
+    meta = {"a": _nested(30), "unicode": "naïve ☃", "n": 1.5}
+    added = indexed.post("/v1/index/add", json={"items": ["deep"], "ids": ["deep"], "metadata": [meta]}, headers=AUTH)
+    assert added.status_code == 200, added.text
+    hits = indexed.post("/v1/search", json={"query": "deep", "k": 10}).json()["results"]
+    assert {h["id"]: h["metadata"] for h in hits}["deep"] == meta
 
 
 def test_upsert_replaces_and_delete_removes(indexed):

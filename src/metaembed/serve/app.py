@@ -45,6 +45,8 @@ from metaembed.serve.security import check_bearer
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 512
+MAX_METADATA_DEPTH = 32  # nesting levels of one metadata object (responses must serialise it back)
+MAX_METADATA_BYTES = 65_536  # one metadata object as JSON
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorResponse, "description": text}
     for code, text in {
@@ -451,13 +453,33 @@ def _check_metadata(metadata: list[dict | None] | None) -> list[dict | None] | N
     for i, entry in enumerate(metadata):
         if entry is None:
             continue
+        depth = _depth(entry)
+        if depth > MAX_METADATA_DEPTH:
+            raise BadRequestError(
+                f"metadata[{i}] is nested {depth} levels deep; at most {MAX_METADATA_DEPTH}", "metadata"
+            )
         try:
-            json.dumps(entry, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            size = len(json.dumps(entry, ensure_ascii=False, allow_nan=False).encode("utf-8"))
         except (ValueError, TypeError, UnicodeEncodeError) as error:
             raise BadRequestError(
                 f"metadata[{i}] is not storable JSON (no NaN/Infinity, valid Unicode only): {error}", "metadata"
             ) from None
+        if size > MAX_METADATA_BYTES:
+            raise PayloadTooLargeError(
+                f"metadata[{i}] is {size:,} bytes as JSON; at most {MAX_METADATA_BYTES:,}", "metadata"
+            )
     return metadata
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level + 1)
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _classify(error: MetaEmbedError) -> tuple[int, str, str | None]:
