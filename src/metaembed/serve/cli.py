@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -95,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     app = build(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"metaembed serve: warning: binding {args.host}: /v1/embeddings and /v1/search are open to anyone who "
+            "can reach it (index writes still need the API key); put an authenticating proxy in front",
+            file=sys.stderr,
+        )
     print(f"metaembed serve: http://{args.host}:{args.port} (docs at /docs, schema at /openapi.json)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
