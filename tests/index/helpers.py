@@ -26,3 +26,14 @@ def digest(path: Path) -> dict[str, str]:
         for p in sorted(path.rglob("*"))
         if p.is_file() and p.name != "LOCK"
     }
+
+
+def assert_same_results(a, b, atol: float = 1e-5) -> None:
+    """Scores equal to ``atol``; ids equal wherever the ranking is unambiguous (neighbours more than 2·atol apart)."""
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=atol)
+    for qa, qb, s in zip(a.ids, b.ids, a.scores.tolist(), strict=True):
+        assert len(qa) == len(qb)
+        for j in range(len(qa)):
+            gaps = [abs(s[j] - s[i]) for i in (j - 1, j + 1) if 0 <= i < len(s)]
+            if all(g > 2 * atol for g in gaps):
+                assert qa[j] == qb[j], (j, qa, qb, s)
