@@ -56,6 +56,14 @@ def test_search_defaults_to_full_budget_and_accepts_image_queries(indexed):
     assert body["budget"] == "16x64" and body["results"][0]["id"] == "img"
 
 
+def test_two_stage_at_full_recall_matches_exact(indexed):
+    exact = indexed.post("/v1/search", json={"query": "a blue car", "budget": "8x16", "k": 5}).json()
+    cascade = indexed.post("/v1/search", json={"query": "a blue car", "budget": "8x16", "k": 5, "two_stage": True})
+    assert cascade.status_code == 200, cascade.text
+    assert cascade.json()["two_stage"] is True
+    assert [h["id"] for h in cascade.json()["results"]] == [h["id"] for h in exact["results"]]
+
+
 def test_search_bad_input(indexed):
     cases = [
         ({"query": "x", "budget": "17x64"}, 400, "allowed"),

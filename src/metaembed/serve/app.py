@@ -9,6 +9,7 @@ request can cause is a 4xx, and an unexpected failure is a logged 500 without in
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -186,6 +187,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
         on_batch=metrics.observe_batch,
     )
     index_lock = _RWLock()
+    two_stage_lock = threading.Lock()
     n_query, n_candidate, dim = model.num_vectors("query"), model.num_vectors("candidate"), model.embedding_dim
     metrics.queue_depth.set_function(lambda: batcher.depth)
     if index is not None:
@@ -333,7 +335,8 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
         encoded = encode(items, "query")
         encoded_at = time.perf_counter()
         queries = encoded.embeddings[:, : budget.r_q]
-        with index_lock.read():
+        # Two-stage search builds / extends the in-memory ANN graph on demand: one at a time.
+        with index_lock.read(), two_stage_lock if body.two_stage else contextlib.nullcontext():
             found = _search(store, queries, budget, body.k, body.two_stage)
         done = time.perf_counter()
         return schemas.SearchResponse(
