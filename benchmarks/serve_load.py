@@ -52,10 +52,13 @@ def make_checkpoint(directory: Path) -> Path:
     return model.save_pretrained(directory / "checkpoint")
 
 
-def start_server(model: Path, index: Path, port: int, batching: bool, threads: int, log: Path) -> subprocess.Popen:
+def start_server(
+    model: Path, index: Path, port: int, batching: bool, threads: int, wait_ms: float, log: Path
+) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "metaembed.cli", "serve", "--model", str(model), "--index", str(index),
         "--port", str(port), "--torch-threads", str(threads), "--log-level", "warning",
+        "--max-batch-wait-ms", str(wait_ms),
     ]  # fmt: skip
     if not batching:
         command.append("--no-batching")
@@ -164,6 +167,7 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=1000, help="items in the index")
     parser.add_argument("--budget", default="4x8")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    parser.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="the server's batching wait")
     parser.add_argument("--endpoints", default="search,embeddings")
     parser.add_argument("--modes", default="on,off", help="batching modes to run: on, off or both")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -178,7 +182,7 @@ def main() -> int:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             log = tmp / f"server-{mode}.log"
-            process = start_server(model, index, port, mode == "on", args.threads, log)
+            process = start_server(model, index, port, mode == "on", args.threads, args.max_batch_wait_ms, log)
             try:
                 wait_healthy(base, process)
                 fill_index(base, args.items)
@@ -198,11 +202,15 @@ def main() -> int:
                     process.wait(30)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                server_log = log.read_text()
                 if process.returncode not in (0, -15):
-                    print(log.read_text()[-3000:], file=sys.stderr)
+                    print(server_log[-3000:], file=sys.stderr)
+                problems = [line for line in server_log.splitlines() if "ERROR" in line or "WARNING" in line]
+                if problems:  # say what the server logged (connection errors, exceptions), not only the count
+                    print(f"server log ({mode}): " + " | ".join(problems[-10:]), file=sys.stderr)
 
     print(f"\n{args.clients} clients × {args.seconds:g} s per row, budget {args.budget}, {args.items} items, "
-          f"server torch threads {args.threads}, loopback")  # fmt: skip
+          f"server torch threads {args.threads}, batch wait {args.max_batch_wait_ms:g} ms, loopback")  # fmt: skip
     print("| endpoint | batching | requests | throughput (req/s) | p50 ms | p99 ms | errors | mean items / batch |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
