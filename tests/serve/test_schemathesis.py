@@ -21,7 +21,7 @@ from serve_images import data_url, png_bytes
 KEY = "fuzz-key-0123456789abcdef"
 
 
-def run_schemathesis(client, examples_per_mode: int) -> dict:
+def run_schemathesis(client, examples_per_mode: int, key: str | None = KEY) -> dict:
     """Fuzz every operation; return {'requests', 'by_status', 'by_operation', 'server_errors', 'seconds'}."""
     import schemathesis
     from schemathesis.generation.modes import GenerationMode
@@ -31,7 +31,7 @@ def run_schemathesis(client, examples_per_mode: int) -> dict:
     start = time.perf_counter()
     for result in schema.get_all_operations():
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            _fuzz(result.ok(), mode, examples_per_mode, record)
+            _fuzz(result.ok(), mode, examples_per_mode, record, key)
     by_status = record["by_status"]
     return {
         "requests": sum(by_status.values()),
@@ -43,13 +43,14 @@ def run_schemathesis(client, examples_per_mode: int) -> dict:
     }
 
 
-def _fuzz(operation, mode, examples: int, record: dict) -> None:
+def _fuzz(operation, mode, examples: int, record: dict, key: str | None) -> None:
     import hypothesis
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis.generation.modes import GenerationMode
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-    strategy = operation.as_strategy(generation_mode=mode, headers={"Authorization": f"Bearer {KEY}"})
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    strategy = operation.as_strategy(generation_mode=mode, headers=headers)
 
     @given(case=strategy)
     @settings(
@@ -101,6 +102,10 @@ def _report(summary: dict) -> str:
 
 
 def test_schemathesis_no_server_errors(fuzz_client):
+    anonymous = run_schemathesis(fuzz_client, examples_per_mode=5, key=None)
+    print(_report(anonymous))
+    assert anonymous["by_status"].get(401, 0) > 0  # the guarded routes refuse callers without the key
+    assert anonymous["server_errors"] == 0 and not anonymous["failures"], anonymous["failures"][:5]
     summary = run_schemathesis(fuzz_client, examples_per_mode=30)
     print(_report(summary))
     assert summary["requests"] >= 200
