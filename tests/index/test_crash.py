@@ -46,6 +46,7 @@ def run_kills(tmp_path: Path, kills: int, dtype: str, seed: int) -> None:
     rng = random.Random(seed)
     path = tmp_path / "ix"
     acked: set[str] = set()
+    landed: dict[str, int] = {}  # what the writer was doing when killed -> count
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     for run in range(kills):
         proc = subprocess.Popen(
@@ -73,6 +74,7 @@ def run_kills(tmp_path: Path, kills: int, dtype: str, seed: int) -> None:
                 acked = apply(acked, *pending)
                 pending = None
         allowed = [acked] if pending is None else [acked, apply(acked, *pending)]
+        key = "between operations" if pending is None else f"in {pending[0]}"
 
         with open_index(path) as ix:  # opens as the writer: the dead process's lock is gone
             held = set(ix.ids())
@@ -81,6 +83,9 @@ def run_kills(tmp_path: Path, kills: int, dtype: str, seed: int) -> None:
                 f"missing {sorted(acked - held)[:5]}, extra {sorted(held - acked)[:5]}, "
                 f"pending {pending and pending[0]}"
             )
+            if pending is not None and pending[0] != "compact":  # a compaction changes nothing visible
+                key += " (committed)" if held != acked else " (rolled back)"
+            landed[key] = landed.get(key, 0) + 1
             acked = held
             if held:
                 sample = sorted(held)[:: max(1, len(held) // 20)]
@@ -92,6 +97,9 @@ def run_kills(tmp_path: Path, kills: int, dtype: str, seed: int) -> None:
                 assert res.ids[0][0] == sample[0]
             leftovers = [p.name for p in path.iterdir() if p.name.endswith(".tmp")]
             assert not leftovers, leftovers
+    print(f"{kills} kills ({dtype}), where they landed: {dict(sorted(landed.items()))}; final items: {len(acked)}")
+    if kills >= 50:
+        assert any(k.startswith("in ") for k in landed), landed
 
 
 @pytest.mark.parametrize("dtype", ["int8"])

@@ -167,3 +167,55 @@ def test_reader_process_sees_consistent_snapshots_while_writer_appends(tmp_path)
     assert reader.returncode == 0, err
     assert int(out) >= 1
     ix.close()
+
+
+def test_many_small_adds_merge_small_segments(tmp_path):
+    c = embeddings(80, 8, 4, seed=13)
+    with create_index(tmp_path / "ix", 4, 8, dtype="int8") as ix:
+        ix.add([f"big{j}" for j in range(40)], c[:40])
+        for j in range(40):
+            ix.add([f"s{j}"], c[40 + j : 41 + j])
+        assert len(ix) == 80 and ix.stats()["segments"] <= 33
+        names = [s.name for s in ix.segments]
+        assert names[0] == ix.segments[0].name and ix.segments[0].count == 40  # the big segment was not rewritten
+        ix.compact(names[1:3])
+        got, _ = ix.get([f"s{j}" for j in range(40)])
+        codes, scale = quantize_int8(c[40:])
+        torch.testing.assert_close(got, codes.float() * scale[..., None])
+        ix.compact()
+        assert ix.stats()["segments"] == 1 and len(ix) == 80
+
+
+def test_threads_search_while_one_thread_writes(tmp_path):
+    import threading
+
+    c = embeddings(200, 8, 4, seed=14)
+    q = embeddings(2, 2, 4, seed=15)
+    errors: list[BaseException] = []
+    with create_index(tmp_path / "ix", 4, 8, dtype="fp32") as ix:
+        ix.add([f"i{j}" for j in range(10)], c[:10])
+        done = threading.Event()
+
+        def searcher():
+            try:
+                while not done.wait(0.002):
+                    for two_stage in (False, True):
+                        res = ix.search(q, "2x8", k=5, two_stage=two_stage)
+                        for i, (row, scores) in enumerate(zip(res.ids, res.scores, strict=True)):
+                            idx = [int(x[1:]) for x in row]
+                            want = maxsim(q[i : i + 1].double(), c[idx].double(), "2x8")[0]
+                            torch.testing.assert_close(scores.double(), want, rtol=0, atol=1e-4)  # ids match scores
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=searcher) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for lo in range(10, 200, 10):
+            ix.add([f"i{j}" for j in range(lo, lo + 10)], c[lo : lo + 10])
+            if lo % 50 == 0:
+                ix.delete([f"i{lo - 5}"])
+        done.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors

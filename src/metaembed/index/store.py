@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
 import secrets
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,6 +128,17 @@ def _dump_metadata(metadata: Sequence[dict[str, Any]] | None, n: int) -> list[di
     return out
 
 
+def _locked(method):
+    """Run a method under the index's in-process lock (writes and snapshot swaps never interleave)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class Segment:
     """One immutable batch of rows: its group arrays (memory-mapped) and its ids and metadata."""
@@ -164,6 +177,7 @@ class EmbeddedIndex:
         self._where: dict[str, tuple[int, int]] = {}
         self._coarse = None
         self._closed = False
+        self._lock = threading.RLock()  # one in-process writer at a time; searches read immutable snapshots
         self._load(manifest)
 
     # ------------------------------------------------------------------ create / open
@@ -348,6 +362,7 @@ class EmbeddedIndex:
             st = os.stat(self.path / MANIFEST)
             self._manifest_stat = (st.st_ino, st.st_mtime_ns)
 
+    @_locked
     def refresh(self) -> bool:
         """Reload if another process committed since this snapshot; returns True if the snapshot changed."""
         self._check_open()
@@ -440,6 +455,7 @@ class EmbeddedIndex:
     ) -> None:
         self._write(ids, embeddings, metadata, replace=True)
 
+    @_locked
     def _write(
         self,
         ids: Sequence[str],
@@ -469,6 +485,7 @@ class EmbeddedIndex:
         for rows in manifest["deleted"].values():
             rows.sort()
 
+    @_locked
     def delete(self, ids: Sequence[str]) -> None:
         self._check_writable()
         ids = check_ids(ids)
@@ -483,19 +500,32 @@ class EmbeddedIndex:
         self._maybe_compact()
 
     def _maybe_compact(self, max_segments: int = 32) -> None:
+        """Size-tiered merging: many segments → merge the small ones; mostly-dead index → full compaction."""
         dead = sum(s.count - int(s.live.sum()) for s in self._segments)
         total = sum(s.count for s in self._segments)
-        if len(self._segments) > max_segments or (dead > 1024 and dead > total // 2):
+        if dead > 1024 and dead > total // 2:
             self.compact()
+        elif len(self._segments) > max_segments:
+            small = [s.name for s in self._segments if s.count <= max(1, total // max_segments)]
+            self.compact(None if len(small) < 2 else small)
 
-    def compact(self) -> None:
-        """Rewrite all live rows into one segment and drop tombstones (atomic, like every write)."""
+    @_locked
+    def compact(self, segments: Sequence[str] | None = None) -> None:
+        """Rewrite the live rows of ``segments`` (default: all) into one new segment, dropping their tombstones.
+
+        Atomic like every write: the merged segment is written and fsynced, then one manifest swap replaces
+        the old segments by it; their files are removed only after that. Readers holding the old snapshot
+        keep their (unlinked) mappings.
+        """
         self._check_writable()
-        if len(self._segments) <= 1 and not self._manifest["deleted"]:
+        chosen = set(segments) if segments is not None else {s.name for s in self._segments}
+        if len(chosen) <= 1 and not any(name in self._manifest["deleted"] for name in chosen):
             return
+        merged = [s for s in self._segments if s.name in chosen]
         manifest = self._next_manifest()
-        manifest["segments"], manifest["deleted"] = [], {}
-        if self._where:
+        manifest["segments"] = [seg for seg in manifest["segments"] if seg["name"] not in chosen]
+        manifest["deleted"] = {k: v for k, v in manifest["deleted"].items() if k not in chosen}
+        if any(bool(s.live.any()) for s in merged):
             gen = manifest["generation"]
             name = f"seg-{gen:08d}-{secrets.token_hex(4)}"
             ids: list[str] = []
@@ -506,7 +536,7 @@ class EmbeddedIndex:
                 if self.dtype == "int8":
                     handles.append(open(self.path / f"{name}.s{i}.bin", "wb"))  # noqa: SIM115
             try:
-                for segment in self._segments:
+                for segment in merged:
                     rows = torch.nonzero(segment.live).flatten()
                     if rows.numel() == 0:
                         continue
@@ -525,9 +555,9 @@ class EmbeddedIndex:
                     handle.close()
             raw = json.dumps({"ids": ids, "metadata": meta}, ensure_ascii=False).encode("utf-8")
             _write_file(self.path / f"{name}.items.json", raw)
-            manifest["segments"] = [
+            manifest["segments"].append(
                 {"name": name, "count": len(ids), "items_bytes": len(raw), "items_crc32": zlib.crc32(raw)}
-            ]
+            )
         self._commit(manifest)
         self._remove_orphans()
 
@@ -593,12 +623,12 @@ class EmbeddedIndex:
         return groups, scales
 
     def score_rows(
-        self, queries: torch.Tensor, budget: Budget, segment_index: int, rows: slice | torch.Tensor
+        self, queries: torch.Tensor, budget: Budget, segment: Segment, rows: slice | torch.Tensor
     ) -> torch.Tensor:
         """Exact MaxSim ``(nq, n_rows)`` of queries against some rows of one segment (used by two-stage rerank)."""
         from metaembed.index.kernels import maxsim_grouped
 
-        groups, scales = self._groups_for(self._segments[segment_index], budget, rows)
+        groups, scales = self._groups_for(segment, budget, rows)
         return maxsim_grouped(queries, groups, budget, scales if self.dtype == "int8" else None)
 
     def search(
@@ -624,14 +654,15 @@ class EmbeddedIndex:
         best_slots = torch.empty((nq, 0), dtype=torch.long)
         offset = 0
         offsets = []
-        for s_idx, segment in enumerate(self._segments):
+        segments = self._segments  # one snapshot for the whole search, even if a write lands meanwhile
+        for segment in segments:
             offsets.append(offset)
             for lo in range(0, segment.count, _SEARCH_BLOCK_ROWS):
                 hi = min(segment.count, lo + _SEARCH_BLOCK_ROWS)
                 live = segment.live[lo:hi]
                 if not live.any():
                     continue
-                scores = self.score_rows(queries, budget, s_idx, slice(lo, hi))
+                scores = self.score_rows(queries, budget, segment, slice(lo, hi))
                 scores[:, ~live] = float("-inf")
                 take = min(k, int(live.sum()))
                 top, idx = scores.topk(take, dim=1)
@@ -641,9 +672,11 @@ class EmbeddedIndex:
                     best_scores, keep = best_scores.topk(k, dim=1)
                     best_slots = best_slots.gather(1, keep)
             offset += segment.count
-        return self._results(best_scores, best_slots, offsets, k)
+        return self._results(best_scores, best_slots, offsets, k, segments)
 
-    def _results(self, scores: torch.Tensor, slots: torch.Tensor, offsets: list[int], k: int) -> SearchResults:
+    def _results(
+        self, scores: torch.Tensor, slots: torch.Tensor, offsets: list[int], k: int, segments: list[Segment]
+    ) -> SearchResults:
         """Sort (scores, global slots) best first and resolve slots to ids and metadata."""
         take = min(k, scores.shape[1])
         scores, order = scores.sort(dim=1, descending=True, stable=True)
@@ -654,7 +687,7 @@ class EmbeddedIndex:
             row_ids, row_meta = [], []
             for slot in row:
                 s_idx = int(torch.searchsorted(starts, slot, right=True)) - 1
-                segment = self._segments[s_idx]
+                segment = segments[s_idx]
                 r = slot - offsets[s_idx]
                 row_ids.append(segment.ids[r])
                 row_meta.append(segment.metadata[r] or {})

@@ -22,7 +22,7 @@ from metaembed.errors import InputError
 from metaembed.index.base import SearchResults
 
 if TYPE_CHECKING:
-    from metaembed.index.store import EmbeddedIndex
+    from metaembed.index.store import EmbeddedIndex, Segment
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
@@ -36,21 +36,23 @@ def default_candidates(k: int) -> int:
 class CoarseIndex:
     """faiss HNSW over vector 0 of every stored row (live or tombstoned), numbered like the store's slots."""
 
-    def __init__(self, dim: int, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION) -> None:
+    def __init__(self, dim: int, m: int | None = None, ef_construction: int | None = None) -> None:
         import faiss
 
+        m = m or HNSW_M
+        ef_construction = ef_construction or HNSW_EF_CONSTRUCTION
         self.dim, self.m, self.ef_construction = dim, m, ef_construction
         self.index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
         self.covered: list[tuple[str, int]] = []
 
-    def sync(self, store: EmbeddedIndex) -> CoarseIndex:
+    def sync(self, segments: list[Segment]) -> CoarseIndex:
         """Add the rows of segments appended since the last sync; rebuild if segments were rewritten."""
-        segments = [(s.name, s.count) for s in store.segments]
-        if segments[: len(self.covered)] != self.covered:
+        names = [(s.name, s.count) for s in segments]
+        if names[: len(self.covered)] != self.covered:
             fresh = CoarseIndex(self.dim, self.m, self.ef_construction)
-            return fresh.sync(store)
-        for segment in store.segments[len(self.covered) :]:
+            return fresh.sync(segments)
+        for segment in segments[len(self.covered) :]:
             for lo in range(0, segment.count, 65536):
                 first = segment.groups[0][lo : lo + 65536, 0].float()
                 if segment.scales[0] is not None:
@@ -76,16 +78,17 @@ def two_stage_search(
         raise InputError(f"candidates must be a positive int, got {candidates!r}")
     candidates = max(candidates, k)
     nq = queries.shape[0]
-    segments = store.segments
+    segments = store.segments  # one snapshot for the whole search
     offsets = np.cumsum([0] + [s.count for s in segments]).tolist()
     total = offsets[-1]
-    live_count = len(store)
+    live = torch.cat([s.live for s in segments]).numpy() if segments else np.zeros(0, dtype=bool)
+    live_count = int(live.sum())
     if live_count == 0:
         return SearchResults(ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)])
 
-    coarse = store._coarse if store._coarse is not None else CoarseIndex(store.dim)
-    store._coarse = coarse = coarse.sync(store)
-    live = torch.cat([s.live for s in segments]).numpy()
+    with store._lock:  # one graph per index, extended by whichever search sees new segments first
+        coarse = store._coarse if store._coarse is not None else CoarseIndex(store.dim)
+        store._coarse = coarse = coarse.sync(segments)
     dead = total - live_count
     rows = coarse.search(queries[:, 0], min(total, candidates + dead))
 
@@ -100,7 +103,7 @@ def two_stage_search(
         for s_idx in np.unique(seg_of):
             global_rows = hits[seg_of == s_idx]
             local = torch.from_numpy(global_rows - offsets[s_idx])
-            scores.append(store.score_rows(queries[i : i + 1], budget, int(s_idx), local)[0])
+            scores.append(store.score_rows(queries[i : i + 1], budget, segments[int(s_idx)], local)[0])
             slots.append(torch.from_numpy(global_rows))
         q_scores, q_slots = torch.cat(scores), torch.cat(slots)
         top, idx = q_scores.topk(min(k, q_scores.numel()))
@@ -109,4 +112,4 @@ def two_stage_search(
     width = min(t.numel() for t in per_query_scores)
     scores = torch.stack([t[:width] for t in per_query_scores])
     slots = torch.stack([t[:width] for t in per_query_slots])
-    return store._results(scores, slots, offsets[:-1], k)
+    return store._results(scores, slots, offsets[:-1], k, segments)
