@@ -1,0 +1,186 @@
+"""Dynamic batching: one worker thread owns the model; concurrent requests share its forward passes.
+
+Requests put encode jobs on a bounded queue and wait on a future. The worker takes the first waiting
+job, then keeps collecting jobs of the same side for at most ``max_batch_wait_ms`` or until it holds
+``max_batch_items`` items, and runs them through the model together (items sorted by size so little
+padding is wasted). A full queue is refused at once (503); a caller that waits too long gives up (504)
+and its job is skipped if the worker has not started it. If a merged batch fails, each job is re-run on
+its own, so one bad request cannot fail the others; a job that still fails with a ValueError/TypeError
+from preprocessing is reported as a 400 for that request only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from metaembed.errors import MetaEmbedError
+from metaembed.model.items import Item
+from metaembed.model.meta_tokens import Side
+from metaembed.serve.errors import BadRequestError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    """One job's result: ``(n, R, D)`` float32 embeddings and the tokens each item used."""
+
+    embeddings: torch.Tensor
+    tokens: list[int]
+
+
+@dataclass
+class _Job:
+    items: Sequence[Item]
+    side: Side
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class EncodeBatcher:
+    """A bounded queue in front of a single model-owning worker thread."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        batching: bool = True,
+        max_batch_items: int = 32,
+        max_batch_wait_ms: float = 5.0,
+        queue_size: int = 256,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.batching = batching
+        self.max_batch_items = max_batch_items
+        self.max_batch_wait_s = max_batch_wait_ms / 1000
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._pending: _Job | None = None  # a job taken from the queue that did not fit the last batch
+        self._thread = threading.Thread(target=self._run, name="metaembed-encode", daemon=True)
+        self._stopped = threading.Event()
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, items: Sequence[Item], side: Side) -> Future:
+        """Queue items for encoding; the future resolves to :class:`Encoded` (or the error)."""
+        if self._stopped.is_set():
+            raise OverloadedError("the encoder is shutting down")
+        job = _Job(items, side)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise OverloadedError(
+                f"the encode queue is full ({self._queue.maxsize} requests waiting); retry shortly"
+            ) from None
+        return job.future
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------------------ worker
+    def _next(self, timeout: float | None) -> _Job | None:
+        if self._pending is not None:
+            job, self._pending = self._pending, None
+            return job
+        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            job = self._next(None)
+            if job is None:
+                return
+            jobs = [job]
+            if self.batching:
+                jobs += self._collect(job)
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if jobs:
+                self._encode_jobs(jobs)
+            if self._stopped.is_set() and self._queue.empty() and self._pending is None:
+                return
+
+    def _collect(self, first: _Job) -> list[_Job]:
+        """More jobs of the same side, until the batch is full or the wait is over."""
+        more: list[_Job] = []
+        count = len(first.items)
+        deadline = time.perf_counter() + self.max_batch_wait_s
+        while count < self.max_batch_items:
+            try:
+                job = self._next(deadline - time.perf_counter())
+            except queue.Empty:
+                break
+            if job is None:  # shutting down: finish what we hold
+                self._stopped.set()
+                break
+            if job.side != first.side or count + len(job.items) > self.max_batch_items:
+                self._pending = job
+                break
+            more.append(job)
+            count += len(job.items)
+        return more
+
+    def _encode_jobs(self, jobs: list[_Job]) -> None:
+        try:
+            results = self._encode_many([job.items for job in jobs], jobs[0].side)
+        except Exception as error:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(_user_error(error))
+                return
+            for job in jobs:  # isolate the failing request
+                try:
+                    job.future.set_result(self._encode_many([job.items], job.side)[0])
+                except Exception as single_error:
+                    job.future.set_exception(_user_error(single_error))
+            return
+        for job, result in zip(jobs, results, strict=True):
+            job.future.set_result(result)
+
+    def _encode_many(self, groups: list[Sequence[Item]], side: Side) -> list[Encoded]:
+        flat = [item for group in groups for item in group]
+        start = time.perf_counter()
+        model = self.model
+        n_meta = model._slots(side).count
+        order = sorted(range(len(flat)), key=lambda i: flat[i].size_hint)
+        out = torch.empty(len(flat), model.num_vectors(side), model.embedding_dim, dtype=torch.float32)
+        tokens = [0] * len(flat)
+        with torch.inference_mode():
+            for begin in range(0, len(flat), self.max_batch_items):
+                index = order[begin : begin + self.max_batch_items]
+                batch = model.processor_impl([flat[i] for i in index], side, n_meta)
+                out[index] = model(batch, side).cpu()
+                lengths = (batch["attention_mask"].sum(dim=1) - n_meta).tolist()
+                for i, length in zip(index, lengths, strict=True):
+                    tokens[i] = int(length)
+        if self.on_batch is not None:
+            self.on_batch(len(flat), time.perf_counter() - start)
+        results, begin = [], 0
+        for group in groups:
+            results.append(Encoded(out[begin : begin + len(group)], tokens[begin : begin + len(group)]))
+            begin += len(group)
+        return results
+
+
+def _user_error(error: Exception) -> Exception:
+    """Errors the input caused stay 4xx; anything else is a server error and is logged."""
+    if isinstance(error, MetaEmbedError):
+        return error
+    if isinstance(error, ValueError | TypeError | UnicodeError):
+        return BadRequestError(f"the model cannot encode this input: {error}")
+    log.exception("encode failed", exc_info=error)
+    return error

@@ -1,0 +1,107 @@
+"""``metaembed serve``: load a checkpoint and an index, then serve them over HTTP with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="HTTP service: /v1/embeddings, /v1/search, /v1/index/add|delete, /health, /metrics",
+        description="Serve a MetaEmbed checkpoint and an index over HTTP (binds 127.0.0.1 unless --host says so).",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory written by save_pretrained")
+    parser.add_argument("--index", help="index directory; created on first start if missing (omit for no search)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--image-dir", type=Path, help="directory whose files requests may name by relative path")
+    parser.add_argument(
+        "--api-key-file", type=Path, help="file holding the key for index writes (default: $METAEMBED_API_KEY)"
+    )
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads for the encode worker")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="model weights dtype (default: as saved)")
+    parser.add_argument("--device", help="torch device for the model, e.g. cuda (default cpu)")
+    parser.add_argument(
+        "--index-dtype",
+        default="bf16",
+        choices=("fp32", "bf16", "int8"),
+        help="storage dtype when the index is created (default bf16)",
+    )
+    parser.add_argument("--no-batching", action="store_true", help="encode each request on its own")
+    parser.add_argument("--max-batch-items", type=int, default=32, help="items per forward pass (default 32)")
+    parser.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="wait for more work (default 5 ms)")
+    parser.add_argument("--max-items", type=int, default=64, help="items per request (default 64)")
+    parser.add_argument("--queue-size", type=int, default=256, help="encode jobs waiting at most (default 256)")
+    parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may wait (default 30)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.set_defaults(func=run)
+
+
+def build(args: argparse.Namespace):
+    """The app for these arguments (separate from :func:`run` so tests can build it without a socket)."""
+    import torch
+
+    from metaembed.errors import InputError
+    from metaembed.model import MetaEmbedModel
+    from metaembed.serve.app import create_app
+    from metaembed.serve.config import ServeConfig
+    from metaembed.serve.security import load_api_key
+
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            raise InputError(f"--torch-threads must be at least 1, got {args.torch_threads}")
+        torch.set_num_threads(args.torch_threads)
+    if args.image_dir is not None and not args.image_dir.is_dir():
+        raise InputError(f"--image-dir {str(args.image_dir)!r} is not a directory")
+    api_key = load_api_key(args.api_key_file)
+    model = MetaEmbedModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    index = open_or_create_index(args.index, model, args.index_dtype) if args.index else None
+    config = ServeConfig(
+        image_dir=args.image_dir,
+        api_key=api_key,
+        batching=not args.no_batching,
+        max_batch_items=args.max_batch_items,
+        max_batch_wait_ms=args.max_batch_wait_ms,
+        max_items=args.max_items,
+        queue_size=args.queue_size,
+        request_timeout_s=args.request_timeout,
+        model_name=Path(args.model).name or str(args.model),
+    )
+    return create_app(model, index, config)
+
+
+def open_or_create_index(path: str | Path, model, dtype: str = "bf16"):
+    """Open the index at ``path``, or create an empty one sized for ``model`` (its D and R_c)."""
+    from metaembed.errors import InputError
+    from metaembed.index import create_index, open_index
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        index = open_index(path)
+        dim, vectors = index.dim, index.num_vectors
+        if (dim, vectors) != (model.embedding_dim, model.num_vectors("candidate")):
+            index.close()
+            raise InputError(
+                f"index {str(path)!r} holds {vectors} vectors of dimension {dim}, but the model makes "
+                f"{model.num_vectors('candidate')} of dimension {model.embedding_dim}; use a matching index"
+            )
+        return index
+    return create_index(path, model.embedding_dim, model.num_vectors("candidate"), dtype=dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = build(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"metaembed serve: warning: binding {args.host}: /v1/embeddings and /v1/search are open to anyone who "
+            "can reach it (index writes still need the API key); put an authenticating proxy in front",
+            file=sys.stderr,
+        )
+    print(f"metaembed serve: http://{args.host}:{args.port} (docs at /docs, schema at /openapi.json)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0

@@ -1,0 +1,64 @@
+"""Limits and knobs of the service, in one dataclass so tests, the CLI and benchmarks share them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class ServeConfig:
+    """What the service accepts and how it batches.
+
+    Attributes:
+        max_items: items per ``/v1/embeddings`` or ``/v1/index/add`` request.
+        max_body_bytes: request body size; larger bodies get 413 before they are read in full.
+        max_image_bytes: encoded size of one image (decoded base64 or file on disk).
+        max_image_pixels: width × height of one image, checked from the header before decoding
+            (a decompression bomb never gets decoded).
+        max_aspect_ratio: long side / short side of an image (Qwen-VL's resizer refuses ≥ 200).
+        max_text_chars: characters of one text.
+        max_k: largest ``k`` of a search.
+        image_dir: directory whose files requests may name by relative path; ``None`` disables paths.
+        api_key: the key that ``/v1/index/add`` and ``/v1/index/delete`` require; ``None`` disables them.
+        batching: merge concurrent requests' encode work into shared forward passes.
+        max_batch_items: items per forward pass.
+        max_batch_wait_ms: how long the worker waits for more work before running a partial batch.
+        queue_size: encode jobs waiting at most; a full queue answers 503.
+        request_timeout_s: a request waiting longer than this for its encodings gets 504.
+        model_name: the name echoed in responses (``model`` field).
+    """
+
+    max_items: int = 64
+    max_body_bytes: int = 16 * MiB
+    max_image_bytes: int = 8 * MiB
+    max_image_pixels: int = 16_000_000
+    max_aspect_ratio: float = 150.0
+    max_text_chars: int = 16_384
+    max_k: int = 1000
+    image_dir: Path | None = None
+    api_key: str | None = None
+    batching: bool = True
+    max_batch_items: int = 32
+    max_batch_wait_ms: float = 5.0
+    queue_size: int = 256
+    request_timeout_s: float = 30.0
+    model_name: str = "metaembed"
+
+    def __post_init__(self) -> None:
+        for name in ("max_items", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_k", "max_batch_items", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
+        if self.max_batch_wait_ms < 0 or self.request_timeout_s <= 0:
+            raise ValueError("max_batch_wait_ms must be ≥ 0 and request_timeout_s > 0")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be a non-empty string or None")
+        if self.image_dir is not None:
+            self.image_dir = Path(self.image_dir)

@@ -1,0 +1,165 @@
+"""Request and response bodies (pydantic): the OpenAI embeddings envelope plus search and index writes.
+
+Unknown fields are refused (``extra="forbid"``) so a typo such as ``"budjet"`` is an error, not a
+silently ignored option. Limits that depend on the server (items per request, image sizes, budgets
+within the model's vector counts) are checked by the handlers and answered 413 / 400 with the limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class InputItem(BaseModel):
+    """Text, an image, or both. ``image`` is a base64 data URL or a path under the server's image directory."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, description="the item's text")
+    image: str | None = Field(
+        None, description="'data:image/png;base64,...' or a path relative to the server's --image-dir"
+    )
+
+
+Input = str | InputItem
+BudgetSpec = str | int
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"input": ["a red bicycle", "two dogs on a beach"], "input_type": "query", "budget": "4x8"},
+                {"input": "quarterly revenue table", "encoding_format": "base64", "budget": 8},
+            ]
+        },
+    )
+    input: Input | list[Input] = Field(..., description="one item or a list; a plain string is text")
+    model: str | None = Field(None, description="accepted for OpenAI compatibility; the server has one model")
+    input_type: Literal["query", "document"] = Field(
+        "document", description="'query' gives R_q query vectors, 'document' R_c candidate vectors"
+    )
+    budget: BudgetSpec | None = Field(
+        None,
+        description="vectors to return: 'R_QxR_C' (e.g. '4x8'; the side's half is used) or an int; default all",
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="'float': r × D list of lists; 'base64': little-endian float16 bytes of shape [r, D]"
+    )
+    dimensions: int | None = Field(None, description="must equal the model's dimension if given")
+    user: str | None = None
+
+
+class EmbeddingObject(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[list[float]] | str
+    shape: list[int] = Field(..., description="[r, D]")
+    dtype: Literal["float32", "float16"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingObject]
+    model: str
+    usage: Usage
+    input_type: Literal["query", "document"]
+    num_vectors: int
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"query": "a red bicycle", "budget": "4x8", "k": 5}]}
+    )
+    query: Input = Field(..., description="text, or an item with text and/or image")
+    budget: BudgetSpec | None = Field(None, description="'R_QxR_C', e.g. '4x8'; default the full budget")
+    k: int = Field(10, ge=1, description="results to return")
+    two_stage: bool = Field(False, description="coarse (1,1) candidates from the ANN index, then exact rerank")
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    metadata: dict[str, Any] | None = None
+
+
+class Timings(BaseModel):
+    encode_ms: float
+    score_ms: float
+    total_ms: float
+
+
+class SearchResponse(BaseModel):
+    object: Literal["search.result"] = "search.result"
+    results: list[SearchHit]
+    budget: str
+    k: int
+    two_stage: bool
+    model: str
+    timings: Timings
+
+
+class AddRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": ["a red bicycle", "two dogs on a beach"],
+                    "ids": ["bike", "dogs"],
+                    "metadata": [{"src": "demo"}, None],
+                }
+            ]
+        },
+    )
+    items: list[Input] = Field(..., min_length=1, description="candidates to encode (document side)")
+    ids: list[str] = Field(..., min_length=1, description="one unique id per item")
+    metadata: list[dict[str, Any] | None] | None = Field(None, description="one JSON object (or null) per item")
+    upsert: bool = Field(False, description="replace items whose id exists instead of refusing them")
+
+
+class AddResponse(BaseModel):
+    object: Literal["index.add"] = "index.add"
+    added: int
+    ids: list[str]
+    index_size: int
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ids": ["bike"]}]})
+    ids: list[str] = Field(..., min_length=1)
+
+
+class DeleteResponse(BaseModel):
+    object: Literal["index.delete"] = "index.delete"
+    deleted: int
+    index_size: int
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model: str
+    dim: int
+    num_query_vectors: int
+    num_candidate_vectors: int
+    index_size: int | None
+    queue_depth: int
+    index_writes_enabled: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

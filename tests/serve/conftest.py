@@ -1,0 +1,45 @@
+"""Fixtures for the service tests: one tiny model per session, apps built on it, images as data URLs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # for serve_images (tests use importlib import mode)
+
+API_KEY = "test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def serve_model(tiny_backbone):
+    """The tiny Qwen2-VL MetaEmbedModel (same as ``tiny_model``), built once: the service never trains it."""
+    import torch
+
+    from metaembed import MetaEmbedModel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl")).eval()
+
+
+@pytest.fixture
+def make_client(serve_model):
+    """``make_client(index=None, **config)`` → a started TestClient; closed (worker stopped) after the test."""
+    from fastapi.testclient import TestClient
+
+    from metaembed.serve import ServeConfig, create_app
+
+    clients = []
+
+    def build(index=None, model=None, **config):
+        app = create_app(model or serve_model, index, ServeConfig(**config))
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.__exit__(None, None, None)
