@@ -48,3 +48,29 @@ def test_two_stage_recall_on_clustered_data_and_rebuild_after_compact(tmp_path):
         assert full.ids == exact.ids
         with pytest.raises(InputError, match="candidates"):
             ix.search(q, "4x8", k=10, two_stage=True, candidates=0)
+
+
+def test_graph_is_saved_by_the_writer_and_loaded_by_readers(tmp_path):
+    from metaembed.index import open_index
+    from metaembed.index.two_stage import CoarseIndex
+
+    c, q = embeddings(300, 8, 8, seed=16), embeddings(3, 2, 8, seed=17)
+    path = tmp_path / "ix"
+    with create_index(path, 8, 8, dtype="bf16") as ix:
+        ix.add([f"i{j}" for j in range(300)], c)
+        first = ix.search(q, "2x8", k=5, two_stage=True, candidates=300)
+        assert (path / "ann.json").exists() and len(list(path.glob("ann-*.faiss"))) == 1
+        with open_index(path, read_only=True) as reader:
+            loaded = CoarseIndex.load(path, reader.segments)
+            assert loaded is not None and loaded.index.ntotal == 300
+            again = reader.search(q, "2x8", k=5, two_stage=True, candidates=300)
+            assert again.ids == first.ids
+        ix.add([f"j{j}" for j in range(100)], embeddings(100, 8, 8, seed=18))
+        ix.search(q, "2x8", k=5, two_stage=True)  # grew by 33 %: saved again, old graph file removed
+        assert len(list(path.glob("ann-*.faiss"))) == 1
+        assert CoarseIndex.load(path, ix.segments).index.ntotal == 400
+        ix.delete(["i0"])
+        ix.compact()
+        assert CoarseIndex.load(path, ix.segments) is None  # stale after compaction: rebuilt on next search
+        full = ix.search(q, "2x8", k=5, two_stage=True, candidates=399)
+        assert_same_results(full, ix.search(q, "2x8", k=5), 0.02)

@@ -386,7 +386,7 @@ class EmbeddedIndex:
         for seg in self._manifest["segments"]:
             keep.update(name for name, _ in self._segment_files(self._manifest, seg))
         for entry in self.path.iterdir():
-            if entry.name not in keep and (entry.name.startswith("seg-") or entry.name == MANIFEST + ".tmp"):
+            if entry.name not in keep and (entry.name.startswith("seg-") or entry.name.endswith(".tmp")):
                 entry.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ writes

@@ -6,12 +6,18 @@ items instead of N. Stage 2 reads only the candidates' rows of the groups the bu
 exactly with ``maxsim_grouped``. With ``candidates >= len(index)`` and ``ef_search >= N`` it returns the same
 items as exhaustive search; smaller ``candidates`` trade recall for speed (benchmarks/two_stage.py).
 
-The graph lives in memory, is built on the first two-stage search of a snapshot (cost reported by the
-benchmark) and extended incrementally when segments are appended; a compaction rebuilds it.
+The graph is built on the first two-stage search (cost reported by the benchmark), extended incrementally when
+segments are appended, and saved beside the index by the writer (``ann.json`` → ``ann-*.faiss``, faiss' own
+format) whenever it has grown by more than 10 %, so other processes load it instead of rebuilding; a
+compaction invalidates it (it no longer covers a prefix of the segments) and it is rebuilt.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +33,8 @@ if TYPE_CHECKING:
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 MIN_EF_SEARCH = 64
+ANN_POINTER = "ann.json"
+ANN_FORMAT = "metaembed-ann-hnsw"
 
 
 def default_candidates(k: int) -> int:
@@ -45,6 +53,7 @@ class CoarseIndex:
         self.index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
         self.covered: list[tuple[str, int]] = []
+        self.saved_rows = 0
 
     def sync(self, segments: list[Segment]) -> CoarseIndex:
         """Add the rows of segments appended since the last sync; rebuild if segments were rewritten."""
@@ -60,6 +69,63 @@ class CoarseIndex:
                 self.index.add(np.ascontiguousarray(first.numpy(), dtype=np.float32))
             self.covered.append((segment.name, segment.count))
         return self
+
+    def save(self, root: Path) -> None:
+        """Persist the graph beside the index (writer only): a faiss file under a fresh name, then ``ann.json``
+        (which names it and the segments it covers) replaced by atomic rename. Never pickle: faiss' own format."""
+        import faiss
+
+        name = f"ann-{secrets.token_hex(6)}.faiss"
+        tmp = root / f"{name}.tmp"
+        faiss.write_index(self.index, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, root / name)
+        pointer = {
+            "format": ANN_FORMAT,
+            "file": name,
+            "covered": self.covered,
+            "dim": self.dim,
+            "m": self.m,
+            "ef_construction": self.ef_construction,
+        }
+        with open(root / f"{ANN_POINTER}.tmp", "w") as f:
+            json.dump(pointer, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(root / f"{ANN_POINTER}.tmp", root / ANN_POINTER)
+        for old in root.glob("ann-*.faiss"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        self.saved_rows = self.index.ntotal
+
+    @classmethod
+    def load(cls, root: Path, segments: list[Segment]) -> CoarseIndex | None:
+        """The saved graph if it covers a prefix of ``segments`` (else None: it is rebuilt)."""
+        import faiss
+
+        try:
+            pointer = json.loads((root / ANN_POINTER).read_text())
+            covered = [(str(name), int(count)) for name, count in pointer["covered"]]
+            if pointer.get("format") != ANN_FORMAT:
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if [(s.name, s.count) for s in segments][: len(covered)] != covered:
+            return None
+        try:
+            index = faiss.read_index(str(root / pointer["file"]))
+        except (RuntimeError, OSError):
+            return None
+        if index.d != pointer["dim"] or index.ntotal != sum(count for _, count in covered):
+            return None
+        obj = cls.__new__(cls)
+        obj.dim, obj.m, obj.ef_construction = pointer["dim"], pointer["m"], pointer["ef_construction"]
+        obj.index, obj.covered, obj.saved_rows = index, covered, index.ntotal
+        return obj
 
     def search(self, first_query_vectors: torch.Tensor, n: int) -> np.ndarray:
         """Global row numbers ``(nq, n)`` of the best (1,1) matches (-1 where the graph found fewer)."""
@@ -87,8 +153,12 @@ def two_stage_search(
         return SearchResults(ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)])
 
     with store._lock:  # one graph per index, extended by whichever search sees new segments first
-        coarse = store._coarse if store._coarse is not None else CoarseIndex(store.dim)
+        coarse = store._coarse
+        if coarse is None:
+            coarse = CoarseIndex.load(store.path, segments) or CoarseIndex(store.dim)
         store._coarse = coarse = coarse.sync(segments)
+        if not store.read_only and coarse.index.ntotal > 1.1 * coarse.saved_rows:
+            coarse.save(store.path)  # so the next process (e.g. a restarted server) need not rebuild it
     dead = total - live_count
     rows = coarse.search(queries[:, 0], min(total, candidates + dead))
 
