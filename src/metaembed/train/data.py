@@ -84,7 +84,9 @@ class DatasetSpec:
         if self.max_rows is not None and self.max_rows < 1:
             raise DataError(f"dataset {self.path!r}: max_rows must be ≥ 1, got {self.max_rows}")
         if self.name is None:
-            self.name = Path(str(self.path).rstrip("/")).stem or str(self.path)
+            path = Path(str(self.path).rstrip("/"))
+            generic = path.stem in ("train", "training", "data", "")
+            self.name = f"{path.parent.name}/{path.stem}" if generic and path.parent.name else path.stem or str(path)
 
 
 @dataclass
