@@ -69,7 +69,10 @@ class QdrantIndex:
 
     @staticmethod
     def _client(path: Path | None, url: str | None, api_key: str | None):
-        from qdrant_client import QdrantClient
+        try:
+            from qdrant_client import QdrantClient
+        except ImportError:
+            raise InputError("the qdrant backend needs qdrant-client: pip install 'metaembed[qdrant]'") from None
 
         if url is not None:
             return QdrantClient(url=url, api_key=api_key)
@@ -89,8 +92,6 @@ class QdrantIndex:
         api_key: str | None = None,
         collection: str = "metaembed",
     ) -> QdrantIndex:
-        from qdrant_client import models
-
         check_dtype(dtype)
         for name, value in (("dim", dim), ("num_vectors", num_vectors)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -101,6 +102,8 @@ class QdrantIndex:
                 raise IndexExistsError(f"{root} exists and is not an empty directory; pick a new path")
             root.mkdir(parents=True, exist_ok=True)
         client = cls._client(root, url, api_key)
+        from qdrant_client import models
+
         if client.collection_exists(collection):
             client.close()
             raise IndexExistsError(f"Qdrant collection {collection!r} already exists; open it with open_index")

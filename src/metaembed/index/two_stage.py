@@ -37,6 +37,14 @@ ANN_POINTER = "ann.json"
 ANN_FORMAT = "metaembed-ann-hnsw"
 
 
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise InputError("two-stage search needs faiss-cpu: pip install 'metaembed[ann]'") from None
+    return faiss
+
+
 def default_candidates(k: int) -> int:
     return max(10 * k, 100)
 
@@ -45,7 +53,7 @@ class CoarseIndex:
     """faiss HNSW over vector 0 of every stored row (live or tombstoned), numbered like the store's slots."""
 
     def __init__(self, dim: int, m: int | None = None, ef_construction: int | None = None) -> None:
-        import faiss
+        faiss = _faiss()
 
         m = m or HNSW_M
         ef_construction = ef_construction or HNSW_EF_CONSTRUCTION
@@ -73,7 +81,7 @@ class CoarseIndex:
     def save(self, root: Path) -> None:
         """Persist the graph beside the index (writer only): a faiss file under a fresh name, then ``ann.json``
         (which names it and the segments it covers) replaced by atomic rename. Never pickle: faiss' own format."""
-        import faiss
+        faiss = _faiss()
 
         name = f"ann-{secrets.token_hex(6)}.faiss"
         tmp = root / f"{name}.tmp"
@@ -105,7 +113,7 @@ class CoarseIndex:
     @classmethod
     def load(cls, root: Path, segments: list[Segment]) -> CoarseIndex | None:
         """The saved graph if it covers a prefix of ``segments`` (else None: it is rebuilt)."""
-        import faiss
+        faiss = _faiss()
 
         try:
             pointer = json.loads((root / ANN_POINTER).read_text())
