@@ -10,7 +10,7 @@ test: setup
 test-all: setup
 	.venv/bin/python -m pytest -q -m ''
 
-demo: setup
+demo: setup data
 	.venv/bin/metaembed demo
 
 lint: setup
@@ -20,8 +20,9 @@ bench: setup
 	.venv/bin/python benchmarks/maxsim_roofline.py
 
 # Real offline datasets: fetch the raw packages (apt / npm, pinned and checksummed) into data/raw, then build
-# data/openclipart and data/emoji (deterministic; see docs/data.md).
-data: setup
+# data/openclipart and data/emoji (deterministic; see docs/data.md). A built dataset is not rebuilt.
+data: setup data/openclipart/manifest.json data/emoji/manifest.json
+
+data/%/manifest.json:
 	bash scripts/fetch_resources.sh
-	.venv/bin/metaembed data build openclipart
-	.venv/bin/metaembed data build emoji
+	.venv/bin/metaembed data build $*

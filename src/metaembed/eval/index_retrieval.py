@@ -42,6 +42,7 @@ def evaluate_index_retrieval(
     :data:`TIMING_REPEATS` searches of all queries) and ``index_bytes``.
     """
     from metaembed.index import create_index
+    from metaembed.index.base import budget_bytes
 
     chosen = select_budgets(encoder, budgets)
     root = Path(index_dir)
@@ -73,7 +74,7 @@ def evaluate_index_retrieval(
             ids = [str(i) for i in range(len(keys))]
             index.add(ids, candidates, [{"text": t, "image": i} for t, i in keys])
             gold = [str(position[c[0]]) for c in dataset.candidates]
-            stored = index.stats()["bytes_per_budget"]
+            stored = budget_bytes(len(index), dim, dtype, chosen, index.num_vectors)
             per_dataset[dataset.name] = {}
             for budget in chosen:
                 times, hits = [], None
