@@ -13,8 +13,8 @@ def register(subparsers) -> None:
 
     mmeb = commands.add_parser("mmeb", help="MMEB: Precision@1 of each query over its own candidates")
     _common(mmeb)
-    mmeb.add_argument("--data", required=True, help="folder of <dataset>.jsonl or <dataset>/*.parquet, or a hub id "
-                      "(TIGER-Lab/MMEB-eval)")  # fmt: skip
+    mmeb.add_argument("--data", required=True, nargs="+", help="folder(s) of <dataset>.jsonl or <dataset>/*.parquet, "
+                      "a data builder's folder (data/<source>), or a hub id (TIGER-Lab/MMEB-eval)")  # fmt: skip
     mmeb.add_argument("--image-root", help="folder (or .zip) the image paths are relative to "
                       "(default: images.zip in --data, else --data)")  # fmt: skip
     mmeb.add_argument("--datasets", nargs="+", help="dataset names (default: all found)")
@@ -110,7 +110,8 @@ def run_mmeb(args: argparse.Namespace) -> int:
 
     _check_batch(args)
     budgets = _budgets(args)
-    datasets = load_datasets(args.data, args.datasets, args.image_root)  # reads and checks data before the model
+    # reads and checks all data before the model loads
+    datasets = [d for source in args.data for d in load_datasets(source, args.datasets, args.image_root)]
     model = _load_model(args)
     import torch
 
