@@ -46,7 +46,7 @@ def check(got: torch.Tensor, expected: torch.Tensor, dtype: str, r_q: int) -> No
 
 @pytest.mark.parametrize("budget", [*Budget.LADDER, Budget(3, 5), Budget(16, 20), Budget(5, 64)], ids=str)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
-@pytest.mark.parametrize("nq", [1, 9])  # 1 query: skinny GEMM (fp32 "cq" path); 9 x r_q: wide ("qc" path)
+@pytest.mark.parametrize("nq", [1, 9])  # both GEMM orientations: "qc" for one query at 2..16 vectors, "cq" else
 def test_grouped_every_dtype_and_budget_matches_float64(budget, dtype, nq):
     gen = torch.Generator().manual_seed(hash((str(budget), dtype, nq)) % 2**31)
     q, c = unit((nq, 16, 96), gen), unit((300, 64, 96), gen)
@@ -73,8 +73,10 @@ def test_grouped_every_dtype_and_budget_matches_float64(budget, dtype, nq):
 
 def test_both_gemm_orientations_are_exercised():
     assert _orientation(torch.float32, 4, torch.device("cpu")) == "cq"
-    assert _orientation(torch.float32, 64, torch.device("cpu")) == "qc"
-    assert _orientation(torch.bfloat16, 1, torch.device("cpu")) == "qc"
+    assert _orientation(torch.float32, 16, torch.device("cpu")) == "qc"
+    assert _orientation(torch.bfloat16, 4, torch.device("cpu")) == "qc"
+    assert _orientation(torch.bfloat16, 1, torch.device("cpu")) == "cq"
+    assert _orientation(torch.bfloat16, 64, torch.device("cpu")) == "cq"
 
 
 def test_float64_inputs_score_in_float64():
