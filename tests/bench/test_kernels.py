@@ -73,7 +73,7 @@ def test_grouped_every_dtype_and_budget_matches_float64(budget, dtype, nq):
 
 def test_both_gemm_orientations_are_exercised():
     assert _orientation(torch.float32, 4, torch.device("cpu")) == "cq"
-    assert _orientation(torch.float32, 16, torch.device("cpu")) == "qc"
+    assert _orientation(torch.bfloat16, 16, torch.device("cpu")) == "qc"
     assert _orientation(torch.bfloat16, 4, torch.device("cpu")) == "qc"
     assert _orientation(torch.bfloat16, 1, torch.device("cpu")) == "cq"
     assert _orientation(torch.bfloat16, 64, torch.device("cpu")) == "cq"
