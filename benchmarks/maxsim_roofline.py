@@ -91,8 +91,9 @@ def main() -> None:
         gen = torch.Generator().manual_seed(1)
         for budget in budgets:
             n = n_of[budget]
-            view = [g[:n] for g in groups]
-            view_scales = [s[:n] for s in scales] if dtype == "int8" else None
+            needed = sum(1 for lo in GROUP_BOUNDS[:-1] if lo < budget.r_c)  # groups holding vectors < r_c
+            view = [g[:n] for g in groups[:needed]]
+            view_scales = [s[:n] for s in scales[:needed]] if dtype == "int8" else None
             for nq in [1] + ([args.batch] if args.batch > 1 else []):
                 q = torch.nn.functional.normalize(torch.randn(nq, 16, dim, generator=gen), dim=-1)
                 run = functools.partial(maxsim_grouped, q, view, budget, view_scales)
