@@ -4,8 +4,11 @@ An index stores candidate vectors in groups of consecutive vector positions — 
 [4,8), [8,16), [16,64) — each group one contiguous ``(N, n_g, D)`` array, so a budget ``r_c`` reads only
 the groups that hold its first ``r_c`` vectors. int8 groups carry a per-vector fp32 scale ``(N, n_g)``.
 
-This is the reference implementation (correct, chunked, simple); faster kernels must keep its
-signature and match it in the tests.
+Scoring runs on :func:`metaembed.scoring.score_blocks`: per chunk of items, one GEMM per group into a reused
+buffer, the max over the group's vectors in place, a running best across groups, the sum over query vectors
+straight into the output. bf16 groups stay bf16 (the CPU's bf16 dot-product units; scores carry bf16 rounding);
+int8 groups are widened to fp32 inside a cache-resident buffer and their scales applied to the similarities,
+so int8 scores equal the dequantised fp32 reference.
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ import torch
 
 from metaembed.budget import Budget
 from metaembed.errors import ShapeError
-from metaembed.scoring import check_embeddings, compute_dtype
-
-_CHUNK_ELEMENTS = 1 << 22
+from metaembed.scoring import check_embeddings, score_blocks
 
 
 def maxsim_grouped(
@@ -43,7 +44,7 @@ def maxsim_grouped(
     if not groups:
         raise ShapeError("groups is empty: an index stores at least one vector group")
     check_embeddings(queries, "queries")
-    n, dim = groups[0].shape[0], groups[0].shape[2]
+    n = groups[0].shape[0]
     stored = sum(g.shape[1] for g in groups)
     budget.validate(queries.shape[1], stored)
     scales = list(scales) if scales is not None else [None] * len(groups)
@@ -53,22 +54,17 @@ def maxsim_grouped(
         if group.ndim != 3 or group.shape[0] != n or group.shape[2] != queries.shape[2]:
             raise ShapeError(f"group {i} must be (N={n}, n_g, D={queries.shape[2]}), got {tuple(group.shape)}")
 
-    q = queries[:, : budget.r_q]
-    nq, r_q = q.shape[0], q.shape[1]
-    best = torch.full((n, nq, r_q), float("-inf"), dtype=torch.float32, device=q.device)
+    blocks = []
     start = 0
     for group, scale in zip(groups, scales, strict=True):
         take = min(group.shape[1], budget.r_c - start)
         if take <= 0:
             break
-        dtype = torch.float32 if group.dtype == torch.int8 else compute_dtype(group.dtype, group.device)
-        q_matrix = q.reshape(nq * r_q, dim).to(dtype).T.contiguous()
-        rows = chunk_size or max(1, _CHUNK_ELEMENTS // (take * nq * r_q))
-        for lo in range(0, n, rows):
-            block = group[lo : lo + rows, :take].to(dtype)
-            if scale is not None:
-                block = block * scale[lo : lo + rows, :take, None].to(dtype)
-            sims = (block.reshape(-1, dim) @ q_matrix).view(block.shape[0], take, nq, r_q).amax(dim=1)
-            torch.maximum(best[lo : lo + rows], sims.float(), out=best[lo : lo + rows])
+        if scale is not None and tuple(scale.shape[:2]) != (n, group.shape[1]):
+            raise ShapeError(
+                f"scale of a (N={n}, {group.shape[1]}, D) group must be (N, {group.shape[1]}), got {tuple(scale.shape)}"
+            )
+        blocks.append((group[:, :take], None if scale is None else scale[:, :take]))
         start += group.shape[1]
-    return best.sum(dim=-1).T.contiguous()
+    with torch.no_grad():
+        return score_blocks(queries[:, : budget.r_q], blocks, chunk_size=chunk_size).float()

@@ -1,0 +1,223 @@
+"""The scoring profiler (the paper's Table 3): FLOPs, latency, index bytes and roofline per budget.
+
+For each budget it scores a batch of queries (1,000 by default, as in the paper) against ``N`` random
+candidates held in the index's prefix-grouped layout (vectors [0,1), [1,4), [4,8), [8,16), [16,64)), so a
+budget reads only the bytes it needs, through the same kernel the index uses
+(:func:`metaembed.index.kernels.maxsim_grouped`). Per query:
+
+* ``flops`` = 2·N·r_q·r_c·D;
+* ``latency_ms`` = batch time / batch size, median over ``repeats`` runs (``latency_ms_std`` its std);
+* ``index_bytes`` = N·r_c·D·bytes per value (+ N·r_c·4 bytes of fp32 scales for int8);
+* ``roofline_ms`` = max(batch FLOPs / GEMM peak, index bytes / bandwidth) / batch size, with both
+  ceilings measured in the same process (:mod:`metaembed.bench.ceilings`): a batch streams the index once;
+* ``ratio`` = latency / roofline (1.0 is the hardware limit).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from metaembed.bench.ceilings import CeilingError, Ceilings, bytes_per_value, dtype_name, measure
+from metaembed.budget import Budget
+from metaembed.errors import MetaEmbedError
+
+GROUP_BOUNDS = (0, 1, 4, 8, 16, 64)
+"""The index's default prefix groups: a budget r_c reads groups up to r_c."""
+
+
+class BenchError(MetaEmbedError, ValueError):
+    """A benchmark that cannot run as asked (too large for memory, bad sizes, unknown device)."""
+
+
+@dataclass
+class ScoringRow:
+    budget: str
+    flops: int
+    latency_ms: float
+    latency_ms_std: float
+    index_bytes: int
+    roofline_ms: float
+    ratio: float
+    batch_latency_ms: float
+    queries: int
+    n: int
+    dim: int
+    dtype: str
+    device: str
+    repeats: int
+
+
+def index_bytes(budget: Budget, n: int, dim: int, dtype: str) -> int:
+    """Bytes a budget reads: N·r_c·D·bytes per value, plus N·r_c fp32 scales for int8."""
+    scale_bytes = n * budget.r_c * 4 if dtype_name(dtype) == "int8" else 0
+    return budget.index_bytes(n, dim, bytes_per_value(dtype)) + scale_bytes
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def stored_vectors(budgets: Sequence[Budget]) -> int:
+    """How many vectors per candidate the groups must hold so every budget fits (a group boundary)."""
+    need = max(b.r_c for b in budgets)
+    for bound in GROUP_BOUNDS[1:]:
+        if bound >= need:
+            return bound
+    return need
+
+
+def random_groups(
+    n: int, dim: int, stored: int, dtype: str, device: torch.device, seed: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Random candidates in the grouped layout, written group by group without a large temporary."""
+    name = dtype_name(dtype)
+    bounds = [b for b in GROUP_BOUNDS if b < stored] + [stored]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    groups: list[torch.Tensor] = []
+    scales: list[torch.Tensor | None] = []
+    for lo, hi in itertools.pairwise(bounds):
+        width = hi - lo
+        if name == "int8":
+            group = torch.randint(-127, 128, (n, width, dim), dtype=torch.int8, generator=gen)
+            scale = torch.rand(n, width, generator=gen) * (3 / (127 * math.sqrt(dim)))
+            groups.append(group.to(device))
+            scales.append(scale.to(device))
+            continue
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        group = torch.empty(n, width, dim, dtype=torch_dtype)
+        step = max(1, (1 << 24) // (width * dim))
+        for start in range(0, n, step):
+            block = torch.randn(min(step, n - start), width, dim, generator=gen)
+            group[start : start + step] = torch.nn.functional.normalize(block, dim=-1)
+        groups.append(group.to(device))
+        scales.append(None)
+    return groups, scales
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_scoring(
+    dim: int,
+    n: int,
+    budgets: Sequence[Budget] | None = None,
+    *,
+    dtype: str = "bf16",
+    device: str = "cpu",
+    queries: int = 1000,
+    repeats: int = 10,
+    seed: int = 0,
+    ceilings: Ceilings | None = None,
+    memory_fraction: float = 0.7,
+) -> tuple[list[ScoringRow], Ceilings]:
+    """Time ``maxsim_grouped`` for a batch of ``queries`` at every budget; return the rows and the ceilings used."""
+    from metaembed.index.kernels import maxsim_grouped
+
+    budgets = list(budgets or Budget.LADDER)
+    for name, value, low in (("dim", dim, 1), ("n", n, 1), ("queries", queries, 1), ("repeats", repeats, 1)):
+        if value < low:
+            raise BenchError(f"--{name} must be at least {low}, got {value}")
+    try:
+        name = dtype_name(dtype)
+    except CeilingError as error:
+        raise BenchError(str(error)) from error
+    if name not in ("fp32", "bf16", "fp16", "int8"):
+        raise BenchError(f"unknown dtype {dtype!r}; allowed: bf16, fp32, fp16, int8")
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
+    if torch_device.type not in ("cpu", "cuda"):
+        raise BenchError(f"unknown device {device!r}; allowed: cpu, cuda")
+    r_q_max = max(b.r_q for b in budgets)
+    stored = stored_vectors(budgets)
+    need = n * stored * dim * bytes_per_value(name) + queries * r_q_max * dim * 4
+    available = _available_bytes()
+    if torch_device.type == "cpu" and available is not None and need > memory_fraction * available:
+        raise BenchError(
+            f"the index ({n:,} candidates × {stored} vectors × D={dim} in {name}) needs {need / 2**30:.1f} GiB, "
+            f"more than {memory_fraction:.0%} of the {available / 2**30:.1f} GiB available; lower --n or "
+            f"the largest budget's r_c"
+        )
+    gen = torch.Generator().manual_seed(seed + 1)
+    query_vectors = torch.nn.functional.normalize(torch.randn(queries, r_q_max, dim, generator=gen), dim=-1)
+    query_vectors = query_vectors.to(torch_device)
+    groups, scales = random_groups(n, dim, stored, name, torch_device, seed)
+    if ceilings is None:
+        ceilings = measure(torch_device)
+    rows = []
+    for budget in budgets:
+        run_scales = scales if name == "int8" else None
+        maxsim_grouped(query_vectors, groups, budget, run_scales)  # warm-up (buffers, kernel selection)
+        _sync(torch_device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            maxsim_grouped(query_vectors, groups, budget, run_scales)
+            _sync(torch_device)
+            times.append((time.perf_counter() - start) * 1e3)
+        per_query = [t / queries for t in times]
+        flops = budget.flops(n, dim)
+        nbytes = index_bytes(budget, n, dim, name)
+        roofline = ceilings.roofline_ms(flops * queries, nbytes, name) / queries
+        latency = statistics.median(per_query)
+        rows.append(
+            ScoringRow(
+                budget=str(budget),
+                flops=flops,
+                latency_ms=latency,
+                latency_ms_std=statistics.stdev(per_query) if len(per_query) > 1 else 0.0,
+                index_bytes=nbytes,
+                roofline_ms=roofline,
+                ratio=latency / roofline,
+                batch_latency_ms=statistics.median(times),
+                queries=queries,
+                n=n,
+                dim=dim,
+                dtype=name,
+                device=str(torch_device),
+                repeats=repeats,
+            )
+        )
+    return rows, ceilings
+
+
+def rows_as_dicts(rows: Sequence[ScoringRow]) -> list[dict]:
+    return [asdict(row) for row in rows]
+
+
+def markdown_table(rows: Sequence[ScoringRow], ceilings: Ceilings) -> str:
+    """A markdown table of the rows, headed by the ceilings they were compared against."""
+    peaks = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceilings.peak_gflops.items())
+    head = f"ceilings ({ceilings.device}, {ceilings.threads} threads): bandwidth {ceilings.bandwidth_gbs:.1f} GB/s"
+    lines = [
+        f"{head}; {peaks}",
+        "",
+        "| budget | FLOPs / query | latency ms / query (median ± std) | index bytes | roofline ms / query | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.budget} | {row.flops / 1e9:,.2f} G | {row.latency_ms:,.3f} ± {row.latency_ms_std:,.3f} "
+            f"| {row.index_bytes / 2**20:,.1f} MiB | {row.roofline_ms:,.3f} | {row.ratio:.2f}× |"
+        )
+    return "\n".join(lines)
