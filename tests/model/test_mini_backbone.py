@@ -98,3 +98,23 @@ def test_training_reaches_projector_meta_tokens_and_lora_but_not_the_towers(tmp_
 def test_bad_image_size_setting_is_rejected():
     with pytest.raises(ValueError, match="multiple of 32"):
         MiniSettings(image_size=100)
+
+
+def test_content_never_sees_meta_tokens_and_meta_tokens_read_like_a_decoder():
+    from metaembed.model.backbones.mini import meta_attention_mask
+
+    mask = meta_attention_mask(torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), n_meta=2)[:, 0]
+    # row 0: position 0 is padding; positions 3, 4 are Meta Tokens
+    assert mask[0, 1].tolist() == [False, True, True, False, False]  # content: content only
+    assert mask[0, 3].tolist() == [False, True, True, True, False]  # first Meta Token: content + itself
+    assert mask[0, 4].tolist() == [False, True, True, True, True]
+    assert mask[0, 0].tolist() == [True, True, True, False, False]  # padding sees itself: never an empty row
+
+
+def test_query_vectors_are_the_same_in_both_layouts(tmp_path):
+    backbone = make_mini_backbone(tmp_path / "mini")
+    torch.manual_seed(0)
+    reference = MetaEmbedModel.from_backbone(backbone, num_candidate_tokens=16)
+    own = MetaEmbedModel.from_backbone(backbone, num_candidate_tokens=16, meta_layout="own")
+    own.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(own.encode_queries(ITEMS), reference.encode_queries(ITEMS), atol=1e-5, rtol=1e-5)

@@ -198,10 +198,26 @@ class MiniBackbone(Backbone):
         attention_mask = batch["attention_mask"]
         outputs = self.model(
             inputs_embeds=embeds,
-            attention_mask=attention_mask,
+            attention_mask=meta_attention_mask(attention_mask, meta_embeds.shape[-2]),
             position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
         )
         return outputs.last_hidden_state
+
+
+def meta_attention_mask(attention_mask: torch.Tensor, n_meta: int) -> torch.Tensor:
+    """``(B, 1, T, T)`` visibility that reads Meta Tokens out of a bidirectional encoder like a decoder does.
+
+    Content tokens see only content (in MiniLM they would otherwise attend to the 16–80 Meta Tokens, which
+    outnumber a short caption's tokens and wash out what the content says); Meta Token ``i`` sees all content
+    and Meta Tokens ``≤ i``, so — as in the causal Qwen path — query tokens never see candidate tokens and
+    both layouts give identical queries. Padding keys are hidden; each position sees itself (no empty row).
+    """
+    batch, width = attention_mask.shape
+    position = torch.arange(width, device=attention_mask.device)
+    is_meta = position >= width - n_meta  # the processor puts the slots at the end of every row
+    sees = ~is_meta[None, :] | (is_meta[:, None] & (position[None, :] <= position[:, None]))  # (query, key)
+    itself = torch.eye(width, dtype=torch.bool, device=attention_mask.device)
+    return ((sees[None] & attention_mask.bool()[:, None, :]) | itself)[:, None]
 
 
 def _bare(name: str) -> str:
