@@ -212,7 +212,7 @@ def meta_attention_mask(attention_mask: torch.Tensor, n_meta: int) -> torch.Tens
     and Meta Tokens ``≤ i``, so — as in the causal Qwen path — query tokens never see candidate tokens and
     both layouts give identical queries. Padding keys are hidden; each position sees itself (no empty row).
     """
-    batch, width = attention_mask.shape
+    width = attention_mask.shape[1]
     position = torch.arange(width, device=attention_mask.device)
     is_meta = position >= width - n_meta  # the processor puts the slots at the end of every row
     sees = ~is_meta[None, :] | (is_meta[:, None] & (position[None, :] <= position[:, None]))  # (query, key)
