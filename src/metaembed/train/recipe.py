@@ -63,6 +63,7 @@ class TrainRecipe:
     batch_size: int = 8  # queries per device per step (each with 1 positive + num_negatives negatives)
     cache_chunk_size: int | None = None  # GradCache: items per forward chunk; None = whole batch at once
     learning_rate: float = 1e-4
+    head_learning_rate: float | None = None  # Meta Tokens, projection, mini projector (None: learning_rate)
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
