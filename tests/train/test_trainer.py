@@ -150,7 +150,7 @@ def test_mini_backbone_trains_in_bf16(tmp_path):
 
 def test_head_learning_rate_applies_to_meta_tokens_only(tiny_backbone, tmp_path):
     trainer = MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path, "train.head_learning_rate=0.5"))
-    by_lr = {group["lr"]: group["params"] for group in trainer.optimizer.param_groups}
+    by_lr = {group["initial_lr"]: group["params"] for group in trainer.optimizer.param_groups}
     assert set(by_lr) == {0.5, trainer.recipe.train.learning_rate}
     assert [p.shape for p in by_lr[0.5]] == [trainer.model.meta_tokens.weight.shape]
     assert all(g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups if g["params"] == by_lr[0.5])
