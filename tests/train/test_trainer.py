@@ -154,3 +154,10 @@ def test_head_learning_rate_applies_to_meta_tokens_only(tiny_backbone, tmp_path)
     assert set(by_lr) == {0.5, trainer.recipe.train.learning_rate}
     assert [p.shape for p in by_lr[0.5]] == [trainer.model.meta_tokens.weight.shape]
     assert all(g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups if g["params"] == by_lr[0.5])
+
+
+def test_numbers_without_a_dot_are_numbers():
+    recipe = load_recipe(RECIPE, ["train.learning_rate=3e-3", "train.head_learning_rate=1e-2"])
+    assert recipe.train.learning_rate == 0.003 and recipe.train.head_learning_rate == 0.01
+    with pytest.raises(MetaEmbedError, match="must be a number"):
+        load_recipe(RECIPE, ["train.learning_rate=fast"])

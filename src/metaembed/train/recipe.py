@@ -140,7 +140,7 @@ class Recipe:
             bad = sorted(set(values) - allowed)
             if bad:
                 raise TrainConfigError(f"unknown keys {bad} in section {name!r}; allowed: {sorted(allowed)}")
-            parts[name] = kind(**values)
+            parts[name] = kind(**{key: _coerce(kind, name, key, value) for key, value in values.items()})
         return cls(**parts)
 
 
@@ -177,3 +177,14 @@ def apply_override(data: dict, override: str) -> None:
     if data[section] is None:
         data[section] = {}
     data[section][name] = value
+
+
+def _coerce(kind, section: str, key: str, value):
+    """YAML reads ``3e-3`` (no dot) as a string: turn strings into the field's int/float type, or say why not."""
+    annotation = str(next(f.type for f in fields(kind) if f.name == key))
+    if not isinstance(value, str) or not annotation.startswith(("float", "int")):
+        return value
+    try:
+        return float(value) if annotation.startswith("float") else int(value)
+    except ValueError:
+        raise TrainConfigError(f"{section}.{key} must be a number, got {value!r}") from None
