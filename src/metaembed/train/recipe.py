@@ -54,6 +54,7 @@ class DataRecipe:
     datasets: list[dict] = field(default_factory=list)
     num_negatives: int = 1
     on_bad_record: str = "skip"  # skip (counted warning naming the record) | fail
+    batch_by_dataset: bool = False  # every batch from one dataset (drawn by weight) instead of mixed examples
 
 
 @dataclass

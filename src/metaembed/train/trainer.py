@@ -222,7 +222,7 @@ class MetaEmbedTrainer:
 
     def _train_step(self) -> float:
         t, acc = self.recipe.train, self.accelerator
-        examples = [self.data.next_example() for _ in range(t.batch_size)]
+        examples = self.data.next_batch(t.batch_size, self.recipe.data.batch_by_dataset)
         batch = collate(self.model, examples, self.recipe.data.num_negatives, t.cache_chunk_size)
         if t.cache_chunk_size:
             loss = cached_loss_backward(
