@@ -4,6 +4,7 @@ model that loads, trains the baselines, and the CLI runs a recipe."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def test_loss_falls_on_a_fixed_batch_and_final_model_loads(tiny_backbone, tmp_pa
     losses = [row["loss"] for row in trainer.history]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert losses[-1] < math.log(4 + 1), losses  # below chance: 4 in-batch positives + 1 own negative
     assert set(trainer.history[0]) >= {"loss_1x1", "loss_16x64", "lr", "seconds_per_step"}
     loaded = MetaEmbedModel.from_pretrained(final)
     items = ["Find me an image of a red circle.", "a blue square"]
