@@ -140,3 +140,13 @@ def test_collate_masks_missing_negatives(tiny_model, mmeb):
     assert batch["negative_mask"].tolist() == [[True], [False]]
     assert [c["input_ids"].shape[0] for c in batch["candidate"]] == [3, 1]
     assert collate(tiny_model, examples[1:], num_negatives=1)["num_negatives"] == 0
+
+
+def test_batches_by_dataset_come_from_one_dataset(tmp_path):
+    specs = []
+    for name in ("a", "b"):
+        _write_jsonl(tmp_path / f"{name}.jsonl", [{"query": f"{name}{i}", "positive": "p"} for i in range(5)])
+        specs.append(DatasetSpec(path=str(tmp_path / f"{name}.jsonl")))
+    mixture = Mixture(specs, seed=3)
+    sources = [{e.where.split(":")[0] for e in mixture.next_batch(4, by_dataset=True)} for _ in range(20)]
+    assert all(len(s) == 1 for s in sources) and {next(iter(s)) for s in sources} == {"a", "b"}

@@ -4,6 +4,7 @@ model that loads, trains the baselines, and the CLI runs a recipe."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def test_loss_falls_on_a_fixed_batch_and_final_model_loads(tiny_backbone, tmp_pa
     losses = [row["loss"] for row in trainer.history]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert losses[-1] < math.log(4 + 1), losses  # below chance: 4 in-batch positives + 1 own negative
     assert set(trainer.history[0]) >= {"loss_1x1", "loss_16x64", "lr", "seconds_per_step"}
     loaded = MetaEmbedModel.from_pretrained(final)
     items = ["Find me an image of a red circle.", "a blue square"]
@@ -146,3 +148,18 @@ def test_mini_backbone_trains_in_bf16(tmp_path):
     loaded = MetaEmbedModel.from_pretrained(final)
     items = [{"text": "a red circle", "image": SHAPES / "images" / "red_circle.png"}]
     torch.testing.assert_close(loaded.encode_queries(items), trainer.model.encode_queries(items), atol=1e-5, rtol=0)
+
+
+def test_head_learning_rate_applies_to_meta_tokens_only(tiny_backbone, tmp_path):
+    trainer = MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path, "train.head_learning_rate=0.5"))
+    by_lr = {group["initial_lr"]: group["params"] for group in trainer.optimizer.param_groups}
+    assert set(by_lr) == {0.5, trainer.recipe.train.learning_rate}
+    assert [p.shape for p in by_lr[0.5]] == [trainer.model.meta_tokens.weight.shape]
+    assert all(g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups if g["params"] == by_lr[0.5])
+
+
+def test_numbers_without_a_dot_are_numbers():
+    recipe = load_recipe(RECIPE, ["train.learning_rate=3e-3", "train.head_learning_rate=1e-2"])
+    assert recipe.train.learning_rate == 0.003 and recipe.train.head_learning_rate == 0.01
+    with pytest.raises(MetaEmbedError, match="must be a number"):
+        load_recipe(RECIPE, ["train.learning_rate=fast"])

@@ -370,10 +370,19 @@ class Mixture:
         self.drawn[d] += 1
         return int(order[offset])
 
-    def next_example(self) -> Example:
+    def next_batch(self, size: int, by_dataset: bool = False) -> list[Example]:
+        """``size`` examples; ``by_dataset``: all from one dataset drawn by weight (no cross-task shortcut
+        inside a batch, e.g. telling text from image candidates), else each example drawn on its own."""
+        if not by_dataset:
+            return [self.next_example() for _ in range(size)]
+        rng = np.random.default_rng([self.seed, self.rank, 1 << 21, self.position])
+        d = int(rng.choice(len(self.readers), p=self.probabilities))
+        return [self.next_example(dataset=d) for _ in range(size)]
+
+    def next_example(self, dataset: int | None = None) -> Example:
         for _ in range(_MAX_BAD_IN_A_ROW):
             rng = np.random.default_rng([self.seed, self.rank, 1 << 20, self.position])
-            d = int(rng.choice(len(self.readers), p=self.probabilities))
+            d = int(rng.choice(len(self.readers), p=self.probabilities)) if dataset is None else dataset
             self.position += 1
             i = self._row(d)
             try:

@@ -54,6 +54,7 @@ class DataRecipe:
     datasets: list[dict] = field(default_factory=list)
     num_negatives: int = 1
     on_bad_record: str = "skip"  # skip (counted warning naming the record) | fail
+    batch_by_dataset: bool = False  # every batch from one dataset (drawn by weight) instead of mixed examples
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainRecipe:
     batch_size: int = 8  # queries per device per step (each with 1 positive + num_negatives negatives)
     cache_chunk_size: int | None = None  # GradCache: items per forward chunk; None = whole batch at once
     learning_rate: float = 1e-4
+    head_learning_rate: float | None = None  # Meta Tokens, projection, mini projector (None: learning_rate)
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
@@ -139,7 +141,7 @@ class Recipe:
             bad = sorted(set(values) - allowed)
             if bad:
                 raise TrainConfigError(f"unknown keys {bad} in section {name!r}; allowed: {sorted(allowed)}")
-            parts[name] = kind(**values)
+            parts[name] = kind(**{key: _coerce(kind, name, key, value) for key, value in values.items()})
         return cls(**parts)
 
 
@@ -176,3 +178,14 @@ def apply_override(data: dict, override: str) -> None:
     if data[section] is None:
         data[section] = {}
     data[section][name] = value
+
+
+def _coerce(kind, section: str, key: str, value):
+    """YAML reads ``3e-3`` (no dot) as a string: turn strings into the field's int/float type, or say why not."""
+    annotation = str(next(f.type for f in fields(kind) if f.name == key))
+    if not isinstance(value, str) or not annotation.startswith(("float", "int")):
+        return value
+    try:
+        return float(value) if annotation.startswith("float") else int(value)
+    except ValueError:
+        raise TrainConfigError(f"{section}.{key} must be a number, got {value!r}") from None

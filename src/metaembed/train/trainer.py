@@ -138,12 +138,7 @@ class MetaEmbedTrainer:
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise TrainConfigError("nothing to train: every parameter is frozen")
-        decay = [p for n, p in self.trainable if p.ndim >= 2 and "meta_tokens" not in n]
-        no_decay = [p for n, p in self.trainable if p.ndim < 2 or "meta_tokens" in n]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.learning_rate,
-        )
+        optimizer = torch.optim.AdamW(_param_groups(self.trainable, t), lr=t.learning_rate)
         from transformers import get_linear_schedule_with_warmup
 
         self.module, self.optimizer = self.accelerator.prepare(self.loss_fn, optimizer)
@@ -227,7 +222,7 @@ class MetaEmbedTrainer:
 
     def _train_step(self) -> float:
         t, acc = self.recipe.train, self.accelerator
-        examples = [self.data.next_example() for _ in range(t.batch_size)]
+        examples = self.data.next_batch(t.batch_size, self.recipe.data.batch_by_dataset)
         batch = collate(self.model, examples, self.recipe.data.num_negatives, t.cache_chunk_size)
         if t.cache_chunk_size:
             loss = cached_loss_backward(
@@ -365,3 +360,21 @@ class MetaEmbedTrainer:
         random.seed(seed)
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
+
+
+HEAD_PARAMETERS = ("meta_tokens.", "projection.", "backbone.projector.")  # trained from scratch, not adapted
+
+
+def _param_groups(trainable: list[tuple[str, torch.nn.Parameter]], t) -> list[dict]:
+    """AdamW groups: weight decay only on matrices (never Meta Tokens); ``head_learning_rate`` for the
+    parts trained from scratch (Meta Tokens, projection, the mini projector)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, parameter in trainable:
+        head = name.startswith(HEAD_PARAMETERS)
+        decay = parameter.ndim >= 2 and not name.startswith("meta_tokens.")
+        groups.setdefault((head, decay), []).append(parameter)
+    head_lr = t.head_learning_rate if t.head_learning_rate is not None else t.learning_rate
+    return [
+        {"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": head_lr if head else t.learning_rate}
+        for (head, decay), params in sorted(groups.items())
+    ]
