@@ -26,18 +26,19 @@ def _score(q, c, r_q, r_c):
     return total
 
 
-def _hand_loss(q, pos, neg, groups, tau, offset=0, mask=None):
+def _hand_loss(q, pos, neg, groups, tau, offset=0, mask=None, normalize=False):
     batch = q.shape[0]
     k = 0 if neg is None else neg.shape[0] // batch
     per_group = {}
     total = 0.0
     for g in groups:
         losses = []
+        per_vector = g.r_q if normalize else 1
         for u in range(batch):
-            logits = [_score(q[u], pos[v], g.r_q, g.r_c) / tau for v in range(pos.shape[0])]
+            logits = [_score(q[u], pos[v], g.r_q, g.r_c) / per_vector / tau for v in range(pos.shape[0])]
             for j in range(k):
                 if mask is None or mask[u, j]:
-                    logits.append(_score(q[u], neg[u * k + j], g.r_q, g.r_c) / tau)
+                    logits.append(_score(q[u], neg[u * k + j], g.r_q, g.r_c) / per_vector / tau)
             top = max(logits)
             log_z = top + math.log(sum(math.exp(x - top) for x in logits))
             losses.append(log_z - logits[offset + u])
@@ -70,6 +71,15 @@ def test_weights_temperature_offset_and_mask():
     loss, _ = mmr_loss(q, pos, neg, groups, 0.1, positive_offset=2, negative_mask=mask)
     want, _ = _hand_loss(q, pos, neg, groups, 0.1, offset=2, mask=mask)
     assert loss.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_normalized_scores_divide_each_group_by_its_query_vectors():
+    q, pos, neg = _unit(3, 16, 8, seed=7), _unit(3, 64, 8, seed=8), _unit(3, 64, 8, seed=9)
+    loss, per_group = mmr_loss(q, pos, neg, LADDER, 0.03, normalize_scores=True)
+    want, want_groups = _hand_loss(q, pos, neg, LADDER, 0.03, normalize=True)
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+    assert per_group["loss_1x1"].item() == pytest.approx(mmr_loss(q, pos, neg, LADDER[:1], 0.03)[0].item(), rel=1e-12)
+    assert per_group["loss_16x64"].item() == pytest.approx(want_groups["loss_16x64"], rel=1e-10)
 
 
 def test_hard_negative_raises_loss_and_temperature_matters():

@@ -100,6 +100,7 @@ def mmr_loss(
     *,
     positive_offset: int = 0,
     negative_mask: torch.Tensor | None = None,
+    normalize_scores: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MMR loss on embeddings, and each group's loss.
 
@@ -112,6 +113,8 @@ def mmr_loss(
         groups: nested budgets with weights.
         temperature: τ; logits are MaxSim scores / τ.
         negative_mask: ``(B, k)`` bool, False where query ``u`` has no ``j``-th negative (its logit is dropped).
+        normalize_scores: divide each group's MaxSim by its ``r_q`` (the reference's ``normalize_scores``
+            option, off there): every group's logits then span ``[-1/τ, 1/τ]``, as a single vector's do.
 
     Returns:
         ``(Σ_g w_g L_g / G, {group name: L_g})`` with ``L_g`` the mean cross-entropy over the B queries.
@@ -149,9 +152,10 @@ def mmr_loss(
         per_group: dict[str, torch.Tensor] = {}
         total = queries.new_zeros((), dtype=dtype)
         for group in groups:
-            logits = sims[..., : group.r_q, : group.r_c].amax(-1).sum(-1)
+            scale = 1.0 / group.r_q if normalize_scores else 1.0
+            logits = sims[..., : group.r_q, : group.r_c].amax(-1).sum(-1) * scale
             if neg_sims is not None:
-                neg_scores = neg_sims[..., : group.r_q, : group.r_c].amax(-1).sum(-1)
+                neg_scores = neg_sims[..., : group.r_q, : group.r_c].amax(-1).sum(-1) * scale
                 if negative_mask is not None:
                     neg_scores = neg_scores.masked_fill(~negative_mask.to(torch.bool), float("-inf"))
                 logits = torch.cat([logits, neg_scores], dim=1)
@@ -170,6 +174,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
             models (the paper ladder, weight 1) and the full budget for pooling baselines.
         temperature: τ (paper 0.03, fixed).
         gather: all-gather positives across ranks with gradient (queries stay local).
+        normalize_scores: MaxSim / r_q in the loss (see :func:`mmr_loss`); serving scores are unchanged.
 
     Inputs (``forward(batch)``): ``batch["query"]`` and ``batch["candidate"]`` are processor
     outputs (``model.processor(items, side)``), or lists of them (mini-batch chunks, concatenated).
@@ -194,6 +199,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         groups: Sequence | None = None,
         temperature: float = 0.03,
         gather: bool = True,
+        normalize_scores: bool = False,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -214,6 +220,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
                 )
         self.temperature = float(temperature)
         self.gather = gather
+        self.normalize_scores = normalize_scores
         self.last_logs: dict[str, float] = {}
 
     def forward(self, batch: dict, side: str | None = None) -> torch.Tensor:
@@ -256,6 +263,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
             self.temperature,
             positive_offset=offset,
             negative_mask=negative_mask,
+            normalize_scores=self.normalize_scores,
         )
         self.last_logs = {name: float(value.detach()) for name, value in per_group.items()}
         return loss

@@ -46,6 +46,7 @@ class LossRecipe:
     variant: str = "mmr"  # mmr | nommr | single-last | single-mean | split-X | split-QxC
     groups: list | None = None  # [[r_q, r_c, weight], …]; default from the variant
     temperature: float = 0.03
+    normalize_scores: bool = False  # MaxSim / r_q in the loss (the reference's option; see docs/results.md)
     gather: bool = True  # all-gather positives across ranks with gradient
 
 

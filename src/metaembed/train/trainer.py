@@ -134,7 +134,9 @@ class MetaEmbedTrainer:
             self.model = build_model(recipe, self.output_dir)
         n_q, n_c = self.model.num_vectors("query"), self.model.num_vectors("candidate")
         groups = recipe.loss.groups or variant_groups(recipe.loss.variant, n_q, n_c)
-        self.loss_fn = MatryoshkaMultiVectorLoss(self.model, groups, recipe.loss.temperature, recipe.loss.gather)
+        self.loss_fn = MatryoshkaMultiVectorLoss(
+            self.model, groups, recipe.loss.temperature, recipe.loss.gather, recipe.loss.normalize_scores
+        )
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise TrainConfigError("nothing to train: every parameter is frozen")
