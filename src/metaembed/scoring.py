@@ -7,7 +7,7 @@ token lists, no masks), so scoring a chunk of candidates is one GEMM followed by
 Two entry points:
 
 * :func:`maxsim` — inference: queries ``(nq, R_q, D)`` × candidates ``(N, R_c, D)`` → ``(nq, N)``,
-  chunked over candidates so memory stays bounded; runs bf16 on the CPU's AMX units when the
+  chunked over candidates so memory stays bounded; runs bf16 natively (AVX512-BF16 or AMX) when the
   candidates are bf16. Falls back to the differentiable form when gradients are needed.
 * :func:`token_similarities` + :func:`maxsim_from_similarities` — training: compute all token
   similarities once, then score any number of budgets by slicing (the MMR loss needs five).
@@ -55,7 +55,7 @@ def compute_dtype(candidates_dtype: torch.dtype, device: torch.device) -> torch.
     """The dtype the GEMM runs in: the candidates' (they are the big operand), except fp16 on CPU.
 
     CPUs without AMX-FP16 run fp16 GEMMs no faster than fp32 and with fp16 rounding, so fp16 is
-    widened to fp32 there; bf16 stays bf16 because AMX-BF16 makes it ~6× faster than fp32.
+    widened to fp32 there; bf16 stays bf16 because AVX512-BF16 / AMX-BF16 make it ~5-6× faster than fp32.
     """
     if candidates_dtype == torch.float16 and device.type == "cpu":
         return torch.float32
