@@ -1,0 +1,87 @@
+"""Tables, claim checks and plots for docs/results.md from the stored evaluation results.
+
+Reads ``docs/results/mmeb-<method>/mmeb.json`` (MMEB protocol: each query among its own 101 candidates)
+and ``docs/results/index-<method>.json`` (test-split retrieval through the on-disk index) for the four
+methods, prints markdown tables (tasks × budgets, Precision@1 in %) and checks the paper's three claims.
+
+    python benchmarks/mini_results.py [--results docs/results] [--plot docs/results/mmeb-quality.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from metaembed.eval.report import EvalResult, plot_results
+
+METHODS = ("mmr", "nommr", "single-last", "single-mean")
+
+
+def table(results: dict[str, EvalResult], metric: str) -> str:
+    budgets = results["mmr"].budgets
+    tasks = results["mmr"].task_names
+    lines = ["| task | method | " + " | ".join(budgets) + " |", "|---|---|" + "---|" * len(budgets)]
+    for task in [*tasks, "mean"]:
+        for method, result in results.items():
+            cells = []
+            for budget in budgets:
+                if budget not in result.budgets:
+                    cells.append("–")
+                    continue
+                if task == "mean":
+                    value = result.group_value("overall", budget, metric)
+                else:
+                    value = result.value(task, budget, metric)
+                cells.append(f"{100 * value:.1f}")
+            lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def claims(results: dict[str, EvalResult], metric: str) -> list[str]:
+    mmr = results["mmr"]
+    out = []
+    for task in mmr.task_names:
+        values = [mmr.value(task, b, metric) for b in mmr.budgets]
+        rising = all(b >= a for a, b in zip(values, values[1:], strict=False))
+        out.append(f"- MMR rises monotonically on {task}: {'yes' if rising else 'NO'} ({_pcts(values)})")
+    single = max(results[m].group_value("overall", "1x1", metric) for m in ("single-last", "single-mean"))
+    full = mmr.group_value("overall", mmr.budgets[-1], metric)
+    out.append(
+        f"- MMR at {mmr.budgets[-1]} − best single-vector: {100 * (full - single):+.1f} points "
+        f"({100 * full:.1f} vs {100 * single:.1f}; target ≥ +3)"
+    )
+    low, no_mmr = mmr.group_value("overall", "1x1", metric), results["nommr"].group_value("overall", "1x1", metric)
+    out.append(
+        f"- MMR at 1x1 − NoMMR at 1x1: {100 * (low - no_mmr):+.1f} points ({100 * low:.1f} vs {100 * no_mmr:.1f}; "
+        "target ≥ +5)"
+    )
+    return out
+
+
+def _pcts(values: list[float]) -> str:
+    return " → ".join(f"{100 * v:.1f}" for v in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="docs/results")
+    parser.add_argument("--plot", default="docs/results/mmeb-quality.png")
+    args = parser.parse_args()
+    root = Path(args.results)
+    mmeb = {m: EvalResult.load(root / f"mmeb-{m}" / "mmeb.json") for m in METHODS}
+    index = {m: EvalResult.load(root / f"index-{m}.json") for m in METHODS}
+    print("## MMEB protocol: Precision@1 (%) of each query among its own 101 candidates\n")
+    print(table(mmeb, "precision_at_1"))
+    print("\n" + "\n".join(claims(mmeb, "precision_at_1")))
+    print("\n## Test-split retrieval through the index: Precision@1 (%) over all of a task's candidates\n")
+    print(table(index, "precision_at_1"))
+    print("\n" + "\n".join(claims(index, "precision_at_1")))
+    print("\n## Test-split retrieval: Recall@5 (%)\n")
+    print(table(index, "recall_at_5"))
+    if args.plot:
+        plot_results(list(mmeb.values()), args.plot, title="metaembed-mini, MMEB protocol: mean P@1 over 4 tasks")
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
