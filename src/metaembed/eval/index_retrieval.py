@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from metaembed.budget import Budget
-from metaembed.eval.common import check_encoded, describe_model, select_budgets
-from metaembed.eval.mmeb import MMEBDataset, model_items
+from metaembed.eval.common import describe_model, select_budgets
+from metaembed.eval.mmeb import MMEBDataset, encode_keys
 from metaembed.eval.report import EvalResult, mean
 
 MEASURES = ("precision_at_1", "recall_at_5")
@@ -54,18 +54,8 @@ def evaluate_index_retrieval(
         position = {key: i for i, key in enumerate(keys)}
         if progress:
             progress(f"{dataset.name}: encoding {len(keys)} candidates and {len(dataset.queries)} queries")
-        candidates = check_encoded(
-            encoder.encode_candidates(model_items(keys, dataset.image_root), batch_size=batch_size),
-            len(keys),
-            "candidate",
-            chosen,
-        )
-        queries = check_encoded(
-            encoder.encode_queries(model_items(dataset.queries, dataset.image_root), batch_size=batch_size),
-            len(dataset.queries),
-            "query",
-            chosen,
-        )
+        candidates = encode_keys(encoder, keys, dataset.image_root, "candidate", chosen, batch_size)
+        queries = encode_keys(encoder, dataset.queries, dataset.image_root, "query", chosen, batch_size)
         dim = int(candidates.shape[2])
         path = root / dataset.name
         shutil.rmtree(path, ignore_errors=True)

@@ -262,6 +262,14 @@ def model_items(keys: Sequence[ItemKey], root: Path | None) -> list[dict]:
     return [{"text": t, "image": (root / i) if (i and root is not None) else i} for t, i in keys]
 
 
+def encode_keys(
+    encoder: Any, keys: Sequence[ItemKey], root: Path | None, side: str, budgets: Sequence[Budget], batch_size: int
+) -> torch.Tensor:
+    """Embeddings ``(len(keys), R, D)`` of item keys on one side, checked against the budgets."""
+    encode = encoder.encode_queries if side == "query" else encoder.encode_candidates
+    return check_encoded(encode(model_items(keys, root), batch_size=batch_size), len(keys), side, budgets)
+
+
 def budget_scores(query: torch.Tensor, candidates: torch.Tensor, budgets: Sequence[Budget]) -> torch.Tensor:
     """``(n_budgets, N)`` MaxSim scores of one query ``(R_q, D)`` against ``(N, R_c, D)`` at every budget.
 
@@ -293,18 +301,8 @@ def score_dataset(
     candidate_index = {k: i for i, k in enumerate(candidate_keys)}
     if progress:
         progress(f"{dataset.name}: encoding {len(query_keys)} queries and {len(candidate_keys)} candidates once")
-    q = check_encoded(
-        encoder.encode_queries(model_items(query_keys, dataset.image_root), batch_size=batch_size),
-        len(query_keys),
-        "query",
-        budgets,
-    )
-    c = check_encoded(
-        encoder.encode_candidates(model_items(candidate_keys, dataset.image_root), batch_size=batch_size),
-        len(candidate_keys),
-        "candidate",
-        budgets,
-    )
+    q = encode_keys(encoder, query_keys, dataset.image_root, "query", budgets, batch_size)
+    c = encode_keys(encoder, candidate_keys, dataset.image_root, "candidate", budgets, batch_size)
     if q.shape[2] != c.shape[2]:
         raise EvalDataError(f"query vectors have D = {q.shape[2]} but candidate vectors D = {c.shape[2]}")
     device = torch.device(device) if device is not None else _device(encoder, q)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from metaembed.errors import InputError
+from metaembed.model import items
 from metaembed.model.items import Item, load_image
 from metaembed.serve.config import ServeConfig
 from metaembed.serve.errors import BadRequestError, PayloadTooLargeError
@@ -33,13 +35,9 @@ def check_text(text: str, where: str, max_chars: int) -> str:
     if len(text) > max_chars:
         raise PayloadTooLargeError(f"{where}: text has {len(text):,} characters; at most {max_chars:,}")
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise BadRequestError(
-            f"{where}: text is not valid Unicode ({error.reason} at character {error.start}); "
-            "lone surrogates such as '\\ud800' cannot be encoded"
-        ) from error
-    return text
+        return items.check_text(text, where)
+    except InputError as error:
+        raise BadRequestError(f"{error}; lone surrogates such as '\\ud800' cannot be encoded") from error
 
 
 def decode_data_url(url: str, where: str, config: ServeConfig) -> bytes:
