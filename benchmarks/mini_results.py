@@ -10,6 +10,7 @@ methods, prints markdown tables (tasks × budgets, Precision@1 in %) and checks 
 from __future__ import annotations
 
 import argparse
+from itertools import pairwise
 from pathlib import Path
 
 from metaembed.eval.report import EvalResult, plot_results
@@ -42,7 +43,7 @@ def claims(results: dict[str, EvalResult], metric: str) -> list[str]:
     out = []
     for task in mmr.task_names:
         values = [mmr.value(task, b, metric) for b in mmr.budgets]
-        rising = all(b >= a for a, b in zip(values, values[1:], strict=False))
+        rising = all(b >= a for a, b in pairwise(values))
         out.append(f"- MMR rises monotonically on {task}: {'yes' if rising else 'NO'} ({_pcts(values)})")
     single = max(results[m].group_value("overall", "1x1", metric) for m in ("single-last", "single-mean"))
     full = mmr.group_value("overall", mmr.budgets[-1], metric)
