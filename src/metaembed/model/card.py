@@ -23,6 +23,7 @@ def render_model_card(config: MetaEmbedConfig, embedding_dim: int, quality: dict
         "",
         "```python",
         "from metaembed import MetaEmbedModel, maxsim",
+        "",
         'model = MetaEmbedModel.from_pretrained("<this directory or hub id>")',
         'scores = maxsim(model.encode_queries(["..."]), model.encode_candidates(["..."]), budget="4x8")',
         "```",
