@@ -302,7 +302,7 @@ class MetaEmbedTrainer:
         state = {
             "data": self.data.state_dict(),
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
             "python": random.getstate(),
         }
         if torch.cuda.is_available():
@@ -343,13 +343,14 @@ class MetaEmbedTrainer:
         with torch.no_grad():
             for name, parameter in self.trainable:
                 parameter.copy_(saved[name].to(parameter.dtype))
-        blob = torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=False)
+        # weights_only: a checkpoint is data, never code (every value saved is a tensor or a plain type)
+        blob = torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
-        rank = torch.load(path / f"rank-{acc.process_index}.pt", weights_only=False)
+        rank = torch.load(path / f"rank-{acc.process_index}.pt", weights_only=True)
         self.data.load_state_dict(rank["data"])
         torch.set_rng_state(rank["torch"])
-        np.random.set_state(rank["numpy"])
+        np.random.set_state(_numpy_state_from_plain(rank["numpy"]))
         random.setstate(rank["python"])
         if "cuda" in rank and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rank["cuda"])
@@ -380,3 +381,14 @@ def _param_groups(trainable: list[tuple[str, torch.nn.Parameter]], t) -> list[di
         {"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": head_lr if head else t.learning_rate}
         for (head, decay), params in sorted(groups.items())
     ]
+
+
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    """NumPy's legacy RNG state with its key array as a list, so ``torch.load(weights_only=True)`` reads it."""
+    name, keys, position, has_gauss, cached = state
+    return (name, keys.tolist(), int(position), int(has_gauss), float(cached))
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, position, has_gauss, cached = state
+    return (name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached)
