@@ -21,13 +21,12 @@ import functools
 import itertools
 import os
 import statistics
-import time
 
 import torch
 
 from metaembed import Budget
 from metaembed.bench.ceilings import bytes_per_value, measure
-from metaembed.bench.scoring import GROUP_BOUNDS, index_bytes
+from metaembed.bench.scoring import GROUP_BOUNDS, index_bytes, time_ms
 from metaembed.index.kernels import maxsim_grouped
 
 
@@ -52,16 +51,6 @@ def make_groups(rows_per_group: list[int], dim: int, dtype: str, seed: int):
         groups.append(group)
         scales.append(None)
     return groups, scales
-
-
-def time_runs(fn, repeats: int) -> list[float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def main() -> None:
@@ -97,7 +86,7 @@ def main() -> None:
             for nq in [1] + ([args.batch] if args.batch > 1 else []):
                 q = torch.nn.functional.normalize(torch.randn(nq, 16, dim, generator=gen), dim=-1)
                 run = functools.partial(maxsim_grouped, q, view, budget, view_scales)
-                times = [t / nq for t in time_runs(run, args.repeats)]
+                times = [t / nq for t in time_ms(run, args.repeats)]
                 flops, nbytes = budget.flops(n, dim), index_bytes(budget, n, dim, dtype)
                 roof = ceilings.roofline_ms(flops * nq, nbytes, dtype) / nq
                 med = statistics.median(times)

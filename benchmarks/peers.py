@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
 from metaembed import Budget, maxsim
+from metaembed.bench.scoring import time_ms
 
 
 def colpali_score_multi_vector(qs: torch.Tensor, ps: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
@@ -66,12 +66,7 @@ def peers() -> dict:
 
 
 def median_ms(fn, repeats: int) -> tuple[float, float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = time_ms(fn, repeats)
     return statistics.median(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
 
 

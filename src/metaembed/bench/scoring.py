@@ -20,7 +20,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -117,6 +117,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_ms(fn: Callable[[], object], repeats: int, device: torch.device | None = None) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``fn`` after one warm-up call (buffers, kernel selection)."""
+    fn()
+    if device is not None:
+        _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device is not None:
+            _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def profile_scoring(
     dim: int,
     n: int,
@@ -167,14 +182,9 @@ def profile_scoring(
     rows = []
     for budget in budgets:
         run_scales = scales if name == "int8" else None
-        maxsim_grouped(query_vectors, groups, budget, run_scales)  # warm-up (buffers, kernel selection)
-        _sync(torch_device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            maxsim_grouped(query_vectors, groups, budget, run_scales)
-            _sync(torch_device)
-            times.append((time.perf_counter() - start) * 1e3)
+        times = time_ms(
+            lambda b=budget, s=run_scales: maxsim_grouped(query_vectors, groups, b, s), repeats, torch_device
+        )
         per_query = [t / queries for t in times]
         flops = budget.flops(n, dim)
         nbytes = index_bytes(budget, n, dim, name)
