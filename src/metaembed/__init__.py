@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from metaembed.budget import Budget
 from metaembed.errors import BudgetError, CheckpointError, InputError, MetaEmbedError, ShapeError
-from metaembed.scoring import maxsim, maxsim_from_similarities, token_similarities
 
 __version__ = "0.1.0"
 
+# Imported on first use: scoring pulls in torch (~1 s) and the model transformers (seconds), which code
+# that only needs budgets and errors (configs, argument parsing) should not pay for.
+_LAZY = {
+    "maxsim": "metaembed.scoring",
+    "maxsim_from_similarities": "metaembed.scoring",
+    "token_similarities": "metaembed.scoring",
+    "MetaEmbedModel": "metaembed.model",
+    "MetaEmbedConfig": "metaembed.model",
+}
+
 
 def __getattr__(name: str):
-    # The model pulls in transformers (seconds to import); scoring and budgets should not pay for it.
-    if name in ("MetaEmbedModel", "MetaEmbedConfig"):
-        from metaembed import model
+    if name in _LAZY:
+        import importlib
 
-        return getattr(model, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'metaembed' has no attribute {name!r}")
 
 
