@@ -68,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|---|")
     for dataset in result.datasets:
         for budget in result.budgets:
-            value = lambda metric, name=dataset["name"], b=budget: result.value(name, b, metric)  # noqa: E731
+            p1, r5, ms, nbytes = (
+                result.value(dataset["name"], budget, m)
+                for m in ("precision_at_1", "recall_at_5", "latency_ms", "index_bytes")
+            )
             print(
-                f"| {dataset['name']} | {dataset['num_candidates']} | {budget} | {100 * value('precision_at_1'):.1f} "
-                f"| {100 * value('recall_at_5'):.1f} | {value('latency_ms'):.3f} | {int(value('index_bytes')):,} |"
+                f"| {dataset['name']} | {dataset['num_candidates']} | {budget} | {100 * p1:.1f} "
+                f"| {100 * r5:.1f} | {ms:.3f} | {int(nbytes):,} |"
             )
     print("\n| budget | mean P@1 | mean R@5 |\n|---|---|---|")
     for budget in result.budgets:
