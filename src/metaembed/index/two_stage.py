@@ -152,23 +152,27 @@ def two_stage_search(
         raise InputError(f"candidates must be a positive int, got {candidates!r}")
     candidates = max(candidates, k)
     nq = queries.shape[0]
-    segments = store.segments  # one snapshot for the whole search
-    offsets = np.cumsum([0] + [s.count for s in segments]).tolist()
-    total = offsets[-1]
-    live = torch.cat([s.live for s in segments]).numpy() if segments else np.zeros(0, dtype=bool)
-    live_count = int(live.sum())
-    if live_count == 0:
-        return SearchResults(ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)])
-
-    with store._lock:  # one graph per index, extended by whichever search sees new segments first
+    # The snapshot, the graph's sync and its search happen under the store's lock: another search may extend
+    # the shared graph past an older snapshot (rows this search could not resolve), and faiss HNSW must not be
+    # searched while another thread adds to it. Scoring the rerank below runs outside the lock.
+    with store._lock:
+        segments = store.segments
+        offsets = np.cumsum([0] + [s.count for s in segments]).tolist()
+        total = offsets[-1]
+        live = torch.cat([s.live for s in segments]).numpy() if segments else np.zeros(0, dtype=bool)
+        live_count = int(live.sum())
+        if live_count == 0:
+            return SearchResults(
+                ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)]
+            )
         coarse = store._coarse
         if coarse is None:
             coarse = CoarseIndex.load(store.path, segments) or CoarseIndex(store.dim)
         store._coarse = coarse = coarse.sync(segments)
         if not store.read_only and coarse.index.ntotal > 1.1 * coarse.saved_rows:
             coarse.save(store.path)  # so the next process (e.g. a restarted server) need not rebuild it
-    dead = total - live_count
-    rows = coarse.search(queries[:, 0], min(total, candidates + dead))
+        dead = total - live_count
+        rows = coarse.search(queries[:, 0], min(total, candidates + dead))
 
     starts = np.asarray(offsets[:-1])
     per_query_scores, per_query_slots = [], []
