@@ -62,3 +62,33 @@ def test_baseline_input_has_no_meta_slots(tiny_backbone):
 def test_bad_pooling_is_rejected(tiny_backbone):
     with pytest.raises(ValueError, match="pooling must be one of"):
         MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl"), pooling="split-0")
+
+
+@pytest.mark.parametrize("layout", ["reference", "own"])
+def test_mean_anchored_meta_tokens_start_at_mean_pooling_then_learn(tiny_backbone, tmp_path, layout):
+    """meta_anchor="mean": a fresh model reads out the content mean in every vector (the residual map is
+    zero); once the map is non-zero the vectors differ, get gradients, and survive save/load."""
+    backbone = tiny_backbone("qwen2_vl")
+    mean = MetaEmbedModel.from_backbone(backbone, pooling="mean")
+    anchored = MetaEmbedModel.from_backbone(backbone, meta_anchor="mean", meta_layout=layout)
+    items = ["a cat on a chair", "dog", "three birds in a tree"]
+    for side in ("query", "candidate"):
+        want, got = mean.encode(items, side), anchored.encode(items, side)
+        assert got.shape[1] == anchored.num_vectors(side)
+        torch.testing.assert_close(got, want.expand_as(got), rtol=0, atol=1e-5)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(anchored.meta_residual.weight, std=0.1)
+    anchored.forward(anchored.processor(items, "query"), "query").sum().backward()
+    assert anchored.meta_tokens.weight.grad.abs().sum() > 0 and anchored.meta_residual.weight.grad.abs().sum() > 0
+    q = anchored.encode_queries(items)
+    assert not torch.allclose(q[:, 0], q[:, 1])
+    loaded = MetaEmbedModel.from_pretrained(anchored.save_pretrained(tmp_path / "m"))
+    assert loaded.config.meta_anchor == "mean"
+    torch.testing.assert_close(loaded.encode_queries(items), q)
+
+
+def test_meta_anchor_is_checked(tiny_backbone):
+    with pytest.raises(ValueError, match="meta_anchor must be one of"):
+        MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl"), meta_anchor="max")
+    with pytest.raises(ValueError, match="Meta-Token pooling only"):
+        MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl"), pooling="mean", meta_anchor="mean")

@@ -50,7 +50,8 @@ def _fmt(value) -> str:
 
 def _readout(config: MetaEmbedConfig) -> str:
     if config.pooling == "meta":
-        return f"{config.num_query_tokens} query and {config.num_candidate_tokens} candidate Meta Tokens"
+        anchor = ", each anchored on the content mean (`meta_anchor: mean`)" if config.meta_anchor else ""
+        return f"{config.num_query_tokens} query and {config.num_candidate_tokens} candidate Meta Tokens{anchor}"
     return (
         f"baseline pooling `{config.pooling}` ({config.vectors('query')} query and "
         f"{config.vectors('candidate')} candidate vectors, no Meta Tokens)"

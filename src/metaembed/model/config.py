@@ -37,6 +37,11 @@ class MetaEmbedConfig:
             baselines append no Meta Tokens: "last" = the last token's state (one vector), "mean" = masked
             mean over valid tokens (one vector), "split-X" = the valid tokens cut into X contiguous chunks,
             each mean-pooled (X vectors per item), or "split-QxC" for Q query and C candidate chunks.
+        meta_anchor: ``None`` (the paper): vector i is Meta Token i's last state. ``"mean"``: vector i is
+            the masked mean of the content states plus a zero-initialised linear map of Meta Token i's state,
+            so a fresh model starts exactly at mean pooling and training adds what each Meta Token learns.
+            For backbones whose pretrained read-out is the mean (sentence encoders such as the mini model's
+            MiniLM), where Meta Tokens learned from scratch lag far behind it (docs/results.md).
     """
 
     backbone_family: str
@@ -52,11 +57,16 @@ class MetaEmbedConfig:
     backbone_path: str = "backbone"
     lora: dict | None = None
     pooling: str = "meta"
+    meta_anchor: str | None = None
 
     def __post_init__(self) -> None:
         pooled_vectors(self.pooling, "query", self.num_query_tokens, self.num_candidate_tokens)  # validates
         if self.meta_layout not in META_LAYOUTS:
             raise ValueError(f"meta_layout must be one of {META_LAYOUTS}, got {self.meta_layout!r}")
+        if self.meta_anchor not in META_ANCHORS:
+            raise ValueError(f"meta_anchor must be one of {META_ANCHORS}, got {self.meta_anchor!r}")
+        if self.meta_anchor is not None and self.pooling != "meta":
+            raise ValueError(f"meta_anchor applies to Meta-Token pooling only, not pooling={self.pooling!r}")
         for name in ("num_query_tokens", "num_candidate_tokens", "max_text_tokens", "min_image_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -88,6 +98,7 @@ class MetaEmbedConfig:
             raise CheckpointError(f"{path} is not a valid metaembed config: {error}") from error
 
 
+META_ANCHORS = (None, "mean")
 POOLINGS = ("meta", "last", "mean", "split-X", "split-QxC")
 
 

@@ -50,10 +50,14 @@ class MetaEmbedModel(nn.Module):
         self.meta_tokens = nn.Embedding(config.num_query_tokens + config.num_candidate_tokens, hidden)
         nn.init.normal_(self.meta_tokens.weight, std=META_INIT_STD)
         self.projection = nn.Linear(hidden, config.dim) if config.dim is not None else None
+        self.meta_residual = None  # config.meta_anchor == "mean": vectors = content mean + this map of the states
+        if config.meta_anchor == "mean":
+            self.meta_residual = nn.Linear(hidden, hidden, bias=False)
+            nn.init.zeros_(self.meta_residual.weight)  # a fresh model reads out exactly the mean
         dtype = next(backbone.parameters()).dtype
-        self.meta_tokens.to(dtype)
-        if self.projection is not None:
-            self.projection.to(dtype)
+        for module in (self.meta_tokens, self.projection, self.meta_residual):
+            if module is not None:
+                module.to(dtype)
 
     # ----------------------------------------------------------------------------------------- build
     @classmethod
@@ -157,6 +161,9 @@ class MetaEmbedModel(nn.Module):
         hidden = self.backbone(batch, meta)
         if self.config.pooling == "meta":
             states = hidden[:, -slots.count :][:, slots.readout]
+            if self.meta_residual is not None:
+                content = hidden[:, : -slots.count], batch["attention_mask"][:, : -slots.count]
+                states = pool_hidden(*content, "mean", 1) + self.meta_residual(states)
         else:
             states = pool_hidden(hidden, batch["attention_mask"], self.config.pooling, self.num_vectors(side))
         if self.projection is not None:
@@ -283,6 +290,8 @@ class MetaEmbedModel(nn.Module):
         state = {"meta_tokens.weight": self.meta_tokens.weight}
         if self.projection is not None:
             state.update({f"projection.{k}": v for k, v in self.projection.state_dict().items()})
+        if self.meta_residual is not None:
+            state["meta_residual.weight"] = self.meta_residual.weight
         return state
 
     def _load_head(self, path: Path) -> None:

@@ -29,6 +29,7 @@ class ModelRecipe:
     dim: int | None = None
     meta_layout: str = "reference"
     max_text_tokens: int = 1024
+    meta_anchor: str | None = None  # "mean": Meta-Token vectors anchored on the content mean (MetaEmbedConfig)
 
 
 @dataclass

@@ -66,6 +66,7 @@ def build_model(recipe: Recipe, workdir: Path):
             meta_layout=m.meta_layout,
             max_text_tokens=m.max_text_tokens,
             pooling=pooling,
+            meta_anchor=m.meta_anchor if pooling == "meta" else None,  # baselines of the same recipe: no anchor
         )
     lora = recipe.lora
     if lora.enabled and model.config.lora is None:
@@ -365,7 +366,8 @@ class MetaEmbedTrainer:
         torch.manual_seed(seed)
 
 
-HEAD_PARAMETERS = ("meta_tokens.", "projection.", "backbone.projector.")  # trained from scratch, not adapted
+# trained from scratch, not adapted
+HEAD_PARAMETERS = ("meta_tokens.", "meta_residual.", "projection.", "backbone.projector.")
 
 
 def _param_groups(trainable: list[tuple[str, torch.nn.Parameter]], t) -> list[dict]:
