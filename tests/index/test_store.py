@@ -187,9 +187,10 @@ def test_many_small_adds_merge_small_segments(tmp_path):
 
 
 def test_threads_search_while_one_thread_writes(tmp_path):
+    """Searches share one ANN graph: one may extend it past another's snapshot (a race CI once caught)."""
     import threading
 
-    c = embeddings(200, 8, 4, seed=14)
+    c = embeddings(1000, 8, 4, seed=14)
     q = embeddings(2, 2, 4, seed=15)
     errors: list[BaseException] = []
     with create_index(tmp_path / "ix", 4, 8, dtype="fp32") as ix:
@@ -198,7 +199,7 @@ def test_threads_search_while_one_thread_writes(tmp_path):
 
         def searcher():
             try:
-                while not done.wait(0.002):
+                while not done.is_set():
                     for two_stage in (False, True):
                         res = ix.search(q, "2x8", k=5, two_stage=two_stage)
                         for i, (row, scores) in enumerate(zip(res.ids, res.scores, strict=True)):
@@ -208,10 +209,10 @@ def test_threads_search_while_one_thread_writes(tmp_path):
             except BaseException as error:
                 errors.append(error)
 
-        threads = [threading.Thread(target=searcher) for _ in range(2)]
+        threads = [threading.Thread(target=searcher) for _ in range(4)]
         for t in threads:
             t.start()
-        for lo in range(10, 200, 10):
+        for lo in range(10, 1000, 10):
             ix.add([f"i{j}" for j in range(lo, lo + 10)], c[lo : lo + 10])
             if lo % 50 == 0:
                 ix.delete([f"i{lo - 5}"])
@@ -219,33 +220,3 @@ def test_threads_search_while_one_thread_writes(tmp_path):
         for t in threads:
             t.join()
     assert not errors, errors
-
-
-def test_two_stage_searches_while_one_thread_writes(tmp_path):
-    """Searches share one ANN graph: one may extend it past another's snapshot (a race CI once caught)."""
-    import threading
-
-    c = embeddings(1000, 8, 4, seed=16)
-    q = embeddings(2, 2, 4, seed=17)
-    errors: list[BaseException] = []
-    with create_index(tmp_path / "ix", 4, 8, dtype="fp32") as ix:
-        ix.add([f"i{j}" for j in range(10)], c[:10])
-        done = threading.Event()
-
-        def searcher():
-            try:
-                while not done.is_set():
-                    res = ix.search(q, "2x8", k=5, two_stage=True)
-                    assert all(len(row) == 5 for row in res.ids)
-            except BaseException as error:
-                errors.append(error)
-
-        threads = [threading.Thread(target=searcher) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for lo in range(10, 1000, 10):
-            ix.add([f"i{j}" for j in range(lo, lo + 10)], c[lo : lo + 10])
-        done.set()
-        for t in threads:
-            t.join()
-    assert not errors, errors[:3]
