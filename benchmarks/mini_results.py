@@ -21,8 +21,8 @@ METHODS = (*(m for family in FAMILIES for m in family), "single-last", "single-m
 
 
 def table(results: dict[str, EvalResult], metric: str) -> str:
-    budgets = results["mmr"].budgets
-    tasks = results["mmr"].task_names
+    first = next(iter(results.values()))
+    budgets, tasks = max((r.budgets for r in results.values()), key=len), first.task_names
     lines = ["| task | method | " + " | ".join(budgets) + " |", "|---|---|" + "---|" * len(budgets)]
     for task in [*tasks, "mean"]:
         for method, result in results.items():
@@ -61,8 +61,8 @@ def claims(results: dict[str, EvalResult], metric: str, mmr_name: str, nommr_nam
     return out
 
 
-def all_claims(results: dict[str, EvalResult], metric: str) -> str:
-    return "\n".join(line for family in FAMILIES for line in claims(results, metric, *family))
+def all_claims(results: dict[str, EvalResult], metric: str, families) -> str:
+    return "\n".join(line for family in families for line in claims(results, metric, *family))
 
 
 def _pcts(values: list[float]) -> str:
@@ -72,21 +72,26 @@ def _pcts(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="docs/results")
+    parser.add_argument("--suffix", default="", help="runs named <method><suffix>, e.g. -500 for the 500-step runs")
     parser.add_argument("--plot", default="docs/results/mmeb-quality.png")
     args = parser.parse_args()
     root = Path(args.results)
-    mmeb = {m: EvalResult.load(root / f"mmeb-{m}" / "mmeb.json") for m in METHODS}
-    index = {m: EvalResult.load(root / f"index-{m}.json") for m in METHODS}
+    present = [m for m in METHODS if (root / f"index-{m}{args.suffix}.json").is_file()]
+    families = [f for f in FAMILIES if all(m in present for m in f)]
+    mmeb = {m: EvalResult.load(root / f"mmeb-{m}{args.suffix}" / "mmeb.json") for m in present}
+    index = {m: EvalResult.load(root / f"index-{m}{args.suffix}.json") for m in present}
     print("## MMEB protocol: Precision@1 (%) of each query among its own 101 candidates\n")
     print(table(mmeb, "precision_at_1"))
-    print("\n" + all_claims(mmeb, "precision_at_1"))
+    print("\n" + all_claims(mmeb, "precision_at_1", families))
     print("\n## Test-split retrieval through the index: Precision@1 (%) over all of a task's candidates\n")
     print(table(index, "precision_at_1"))
-    print("\n" + all_claims(index, "precision_at_1"))
+    print("\n" + all_claims(index, "precision_at_1", families))
     print("\n## Test-split retrieval: Recall@5 (%)\n")
     print(table(index, "recall_at_5"))
     if args.plot:
-        plot_results(list(mmeb.values()), args.plot, title="metaembed-mini, MMEB protocol: mean P@1 over 4 tasks")
+        runs = f" (runs *{args.suffix})" if args.suffix else ""
+        title = f"metaembed-mini, MMEB protocol: mean P@1 over 4 tasks{runs}"
+        plot_results(list(mmeb.values()), args.plot, title=title)
         print(f"\nplot: {args.plot}")
 
 

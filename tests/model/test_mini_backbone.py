@@ -118,3 +118,14 @@ def test_query_vectors_are_the_same_in_both_layouts(tmp_path):
     own = MetaEmbedModel.from_backbone(backbone, num_candidate_tokens=16, meta_layout="own")
     own.load_state_dict(reference.state_dict())
     torch.testing.assert_close(own.encode_queries(ITEMS), reference.encode_queries(ITEMS), atol=1e-5, rtol=1e-5)
+
+
+def test_the_shipped_checkpoint_loads_and_ranks_its_own_caption_first():
+    """models/metaembed-mini (what `make demo` runs) loads from the repository with the pip towers."""
+    shipped = Path(__file__).resolve().parents[2] / "models" / "metaembed-mini"
+    model = MetaEmbedModel.from_pretrained(shipped)
+    assert model.config.meta_anchor == "mean" and model.num_vectors("candidate") == 64
+    captions = ["a red apple", "a blue car", "a black cat sitting on a sofa"]
+    q, c = model.encode_queries(captions), model.encode_candidates(captions)
+    assert q.shape == (3, 16, 384) and c.shape == (3, 64, 384)
+    assert (maxsim(q, c, "16x64").argmax(1) == torch.arange(3)).all()  # text→same text is the easy case
