@@ -21,6 +21,7 @@ import torch
 
 from metaembed.budget import Budget
 from metaembed.errors import InputError, MetaEmbedError
+from metaembed.text import check_unicode
 
 DType = Literal["fp32", "bf16", "int8"]
 DTYPES: tuple[str, ...] = ("fp32", "bf16", "int8")
@@ -190,12 +191,5 @@ def check_ids(ids: Sequence[str], *, what: str = "ids") -> list[str]:
             raise InputError(f"{what}[{i}] must be a str, got {type(item_id).__name__} {item_id!r}")
         if not item_id:
             raise InputError(f"{what}[{i}] is empty; ids are non-empty strings")
-        try:
-            item_id.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise InputError(
-                f"{what}[{i}] = {item_id!r} is not valid UTF-8 ({error.reason} at position {error.start}); "
-                "ids must be valid Unicode text without lone surrogates"
-            ) from None
-        out.append(item_id)
+        out.append(check_unicode(item_id, f"{what}[{i}] = {item_id!r}"))
     return out

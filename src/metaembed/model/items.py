@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from metaembed.errors import InputError
+from metaembed.text import check_unicode
 
 ItemLike = str | Image.Image | os.PathLike | Mapping[str, Any]
 
@@ -67,11 +68,7 @@ def load_image(source: Image.Image | str | os.PathLike, where: str) -> Image.Ima
 
 def check_text(text: str, where: str) -> str:
     """``text`` if it can be tokenised; lone surrogates (e.g. from a bad JSON escape) are rejected."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InputError(f"{where}: text is not valid Unicode ({error.reason} at position {error.start})") from None
-    return text
+    return check_unicode(text, f"{where}: text")
 
 
 def to_item(value: ItemLike, index: int = 0) -> Item:
