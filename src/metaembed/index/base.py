@@ -21,6 +21,7 @@ import torch
 
 from metaembed.budget import Budget
 from metaembed.errors import InputError, MetaEmbedError
+from metaembed.scoring import check_embeddings
 from metaembed.text import check_unicode
 
 DType = Literal["fp32", "bf16", "int8"]
@@ -179,6 +180,26 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise InputError(f"unknown index dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     return dtype
+
+
+def check_search(
+    queries: torch.Tensor,
+    budget: BudgetLike,
+    k: int,
+    *,
+    dim: int,
+    num_vectors: int,
+    two_stage: bool,
+    candidates: int | None,
+) -> Budget:
+    """The checks every backend's ``search`` starts with; returns the parsed budget."""
+    check_embeddings(queries, "queries", dim=dim)
+    budget = Budget.parse(budget).validate(queries.shape[1], num_vectors)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a positive int, got {k!r}")
+    if candidates is not None and not two_stage:
+        raise InputError("candidates= applies only to two_stage=True searches")
+    return budget
 
 
 def check_ids(ids: Sequence[str], *, what: str = "ids") -> list[str]:

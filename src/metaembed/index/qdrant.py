@@ -37,6 +37,7 @@ from metaembed.index.base import (
     budget_bytes,
     check_dtype,
     check_ids,
+    check_search,
 )
 from metaembed.index.store import _dump_metadata, group_bounds, quantize_int8
 from metaembed.index.two_stage import default_candidates
@@ -241,17 +242,14 @@ class QdrantIndex:
         from qdrant_client import models
 
         self._check_open()
-        check_embeddings(queries, "queries", dim=self.dim)
-        budget = Budget.parse(budget).validate(queries.shape[1], self.num_vectors)
+        budget = check_search(
+            queries, budget, k, dim=self.dim, num_vectors=self.num_vectors, two_stage=two_stage, candidates=candidates
+        )
         if budget.r_c not in self.bounds[1:]:
             raise BudgetError(
                 f"the qdrant backend stores prefixes of {self.bounds[1:]} vectors; r_c must be one of them, "
                 f"got {budget.r_c}"
             )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InputError(f"k must be a positive int, got {k!r}")
-        if candidates is not None and not two_stage:
-            raise InputError("candidates= applies only to two_stage=True searches")
         ids, scores, meta = [], [], []
         for q in queries.detach().to("cpu", torch.float32)[:, : budget.r_q]:
             prefetch = None

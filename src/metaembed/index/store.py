@@ -48,6 +48,7 @@ from metaembed.index.base import (
     budget_bytes,
     check_dtype,
     check_ids,
+    check_search,
 )
 from metaembed.scoring import check_embeddings
 
@@ -600,14 +601,6 @@ class EmbeddedIndex:
             meta.append(segment.metadata[row] or {})
         return out, meta
 
-    def _check_search(self, queries: torch.Tensor, budget: BudgetLike, k: int) -> Budget:
-        check_embeddings(queries, "queries", dim=self.dim)
-        budget = Budget.parse(budget)
-        budget.validate(queries.shape[1], self.num_vectors)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InputError(f"k must be a positive int, got {k!r}")
-        return budget
-
     def _groups_for(self, segment: Segment, budget: Budget, rows: slice | torch.Tensor):
         """The groups (and scales) a budget reads, restricted to ``rows``; later groups are never touched."""
         groups, scales = [], []
@@ -641,14 +634,14 @@ class EmbeddedIndex:
         candidates: int | None = None,
     ) -> SearchResults:
         self._auto_refresh()
-        budget = self._check_search(queries, budget, k)
+        budget = check_search(
+            queries, budget, k, dim=self.dim, num_vectors=self.num_vectors, two_stage=two_stage, candidates=candidates
+        )
         queries = queries.detach().cpu()
         if two_stage:
             from metaembed.index.two_stage import two_stage_search
 
             return two_stage_search(self, queries, budget, k, candidates)
-        if candidates is not None:
-            raise InputError("candidates= applies only to two_stage=True searches")
         nq = queries.shape[0]
         best_scores = torch.full((nq, 0), float("-inf"))
         best_slots = torch.empty((nq, 0), dtype=torch.long)
