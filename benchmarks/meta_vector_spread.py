@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import islice
 
 import torch
 
@@ -32,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     model = MetaEmbedModel.from_pretrained(args.model).eval()
     with open(args.data) as f:
-        texts = [json.loads(line)["qry_text"] for line, _ in zip(f, range(args.items), strict=False)]
+        texts = [json.loads(line)["qry_text"] for line in islice(f, args.items)]
     queries, candidates = model.encode_queries(texts), model.encode_candidates(texts)
     print(f"{len(texts)} items from {args.data}")
     print(f"query vectors of one item, mean pairwise cosine:     {mean_pairwise_cosine(queries):.3f}")
