@@ -161,9 +161,11 @@ class MetaEmbedModel(nn.Module):
         hidden = self.backbone(batch, meta)
         if self.config.pooling == "meta":
             states = hidden[:, -slots.count :][:, slots.readout]
-            if self.meta_residual is not None:
-                content = hidden[:, : -slots.count], batch["attention_mask"][:, : -slots.count]
-                states = pool_hidden(*content, "mean", 1) + self.meta_residual(states)
+            if self.meta_residual is not None:  # the content positions are all but the last slots.count
+                content_mean = pool_hidden(
+                    hidden[:, : -slots.count], batch["attention_mask"][:, : -slots.count], "mean", 1
+                )
+                states = content_mean + self.meta_residual(states)
         else:
             states = pool_hidden(hidden, batch["attention_mask"], self.config.pooling, self.num_vectors(side))
         if self.projection is not None:
