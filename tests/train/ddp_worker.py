@@ -7,7 +7,7 @@ the MMR loss uncached and cached (GradCache, one item per chunk) under DDP; rank
 
 from __future__ import annotations
 
-import os
+import gc
 import sys
 
 import torch
@@ -66,6 +66,8 @@ def run(backbone: str, rank: int = 0, world: int = 1) -> dict:
             dist.all_reduce(loss)
             loss /= world
         out[mode] = {"loss": loss, "grads": grads(model)}
+    del module
+    gc.collect()  # free DDP's reducer (it sits in reference cycles) while the process group still exists
     return out
 
 
@@ -76,5 +78,6 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     result = run(sys.argv[1], dist.get_rank(), dist.get_world_size())
     if dist.get_rank() == 0:
-        torch.save(result, os.path.join(sys.argv[2]))
+        torch.save(result, sys.argv[2])
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()

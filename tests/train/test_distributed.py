@@ -36,7 +36,8 @@ def test_cached_minibatches_give_the_uncached_gradients(reference):
 
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(tiny_backbone, reference, tmp_path):
     out = tmp_path / "rank0.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # PYTHONFAULTHANDLER: a worker that aborts in C++ prints where Python was (it was at exit, see ddp_worker)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
         [*command, str(WORKER), str(tiny_backbone("qwen2_vl")), str(out)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -35,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
     for noisy in ("transformers", "accelerate", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = load_recipe(args.recipe, overrides)
-    import os
-
-    final = MetaEmbedTrainer(recipe).train(resume=args.resume)
+    trainer = MetaEmbedTrainer(recipe)
+    try:
+        final = trainer.train(resume=args.resume)
+    finally:
+        trainer.close()
     if os.environ.get("RANK", "0") == "0":
         print(final)
     return 0

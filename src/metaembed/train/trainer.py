@@ -157,6 +157,18 @@ class MetaEmbedTrainer:
         self.grad_norm: float | None = None
         self._seed_everything(t.seed + 1 + self.accelerator.process_index)  # dropout differs per rank
 
+    def close(self) -> None:
+        """End the run on this rank: drop the DDP wrapper and destroy the process group (every rank calls it).
+
+        Without it the gloo/NCCL group outlives ``main`` and is torn down during interpreter shutdown,
+        where gloo can abort the process ("terminate called without an active exception").
+        """
+        import gc
+
+        self.module = None
+        gc.collect()  # DDP's reducer sits in reference cycles: free it while the process group still exists
+        self.accelerator.end_training()
+
     # ------------------------------------------------------------------------------------- train
     def train(self, resume: str | Path | None = None, *, stop_after: int | None = None) -> Path:
         """Run to ``train.max_steps`` (or ``train.max_minutes``, or ``stop_after`` more steps); return the
