@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 stamp=.venv/.metaembed-setup
-inputs=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+inputs=$(cat pyproject.toml setup.py constraints.txt scripts/setup.sh src/metaembed/_fused_maxsim.c | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && .venv/bin/python -c "import metaembed" 2>/dev/null; then
     echo "setup: .venv is up to date"
     exit 0
@@ -23,5 +23,6 @@ if .venv/bin/python -c "import torchvision" 2>/dev/null; then
     echo "setup: torchvision is installed and breaks transformers' VLM imports; removing it" >&2
     .venv/bin/pip uninstall -y -q torchvision
 fi
+.venv/bin/python -c "from metaembed import fused; print('setup: fused bf16 MaxSim kernel:', fused.status())"
 echo "$inputs" > "$stamp"
 echo "setup: done"

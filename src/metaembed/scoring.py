@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from metaembed import fused
 from metaembed.budget import Budget
 from metaembed.errors import ShapeError
 
@@ -132,7 +133,12 @@ def score_blocks(
     vectors goes straight into the ``(nq, N)`` output — no per-chunk tensors are allocated, and no block is
     converted to another dtype unless it must be (fp16 on CPU and int8 are widened to fp32 inside a reused,
     cache-resident buffer). Returns float32 scores (float64 when a block is float64). No input checks here.
+
+    One query against bf16 blocks goes to the fused kernel instead (:mod:`metaembed.fused`) when it is built
+    and the CPU runs AVX512-BF16: no similarity block at all, dot products accumulated in fp32.
     """
+    if fused.supports(queries, blocks):
+        return fused.fused_scores(queries, blocks)
     nq, r_q, dim = queries.shape
     n = blocks[0][0].shape[0]
     device = queries.device

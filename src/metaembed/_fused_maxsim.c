@@ -1,0 +1,226 @@
+/*
+ * Fused exact MaxSim for bf16 candidates on CPUs with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and
+ * later, AMD Zen 4 / Zen 5).
+ *
+ * Why it exists: one query (1-16 vectors) against N stored items is a GEMM with a tiny side. Library GEMMs
+ * stream the big side at a fraction of the memory bandwidth for such shapes and write an (N*r_c, r_q)
+ * similarity block that is read back for the max. This kernel reads each candidate vector once, takes
+ * dot products against all query vectors while the vector is in registers/L1 (fp32 accumulation with
+ * VDPBF16PS), and folds them into the running max per item and query vector straight away.
+ *
+ * Layout (the index's "vector-major" groups): a block b holds, for every item i, takes[b] vectors of D bf16
+ * values at bases[b] + i * item_strides[b] + j * D (j < takes[b]). Queries are m = nq * r_q contiguous
+ * vectors of D bf16 values. scores is (nq, n) fp32, row stride n. Items [lo, hi) are scored by one call;
+ * the Python side runs disjoint ranges on several threads (ctypes releases the GIL).
+ *
+ * Built by setup.py as an optional extension module; it exports plain C functions that metaembed.fused
+ * loads with ctypes. No CPython API is used beyond the empty module the import machinery needs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+/* Items scored together: their running maxima (m per item) fill about 32 KB, so they stay in L1 while the items'
+ * vectors stream by; more items per block means fewer restarts of each group's stream. */
+#define BEST_FLOATS 8192
+#define MIN_BLOCK 64
+#define MAX_BLOCK 4096
+#define MAX_QUERY_VECTORS 1024
+/* Up to this many query vectors a tile reads its rows one after another (memory-bound: one query with r_q <= 8
+ * reads D*r_c values per item for r_q*r_c*D multiply-adds); above it, all rows step through D together. */
+#define ROWS_FIRST_MAX_M 8
+/* Software prefetch distance in rows (of D values) for contiguous blocks, per loop order. Measured on a
+ * 2-core Zen 5 at N = 100,000, D = 384 (docs/kernels.md): 32 rows for rows-first, 8 rows (two 4-row tiles)
+ * for the arithmetic-bound order, whose tiles take longer. */
+#define PREFETCH_ROWS_FIRST 32
+#define PREFETCH_ROWS_STEPPED 8
+
+/* 1 when this CPU and OS run AVX512-BF16 (libgcc checks the OS saves the zmm state). */
+int metaembed_fused_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+}
+
+/* Sixteen horizontal sums at once: lane L of the result is the sum of the lanes of a[4 * (L % 4) + L / 4].
+ * (Two rounds of 128-bit block shuffles, then a 4x4 transpose inside each block: 45 instructions instead of
+ * sixteen separate reductions.) */
+TARGET static inline __m512 sum16(const __m512 a[16]) {
+    __m512 s1[8], s2[4];
+    for (int j = 0; j < 8; j++)
+        s1[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
+                              _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE));
+    for (int j = 0; j < 4; j++)
+        s2[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0x88),
+                              _mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0xDD));
+    __m512 u0 = _mm512_add_ps(_mm512_unpacklo_ps(s2[0], s2[1]), _mm512_unpackhi_ps(s2[0], s2[1]));
+    __m512 u1 = _mm512_add_ps(_mm512_unpacklo_ps(s2[2], s2[3]), _mm512_unpackhi_ps(s2[2], s2[3]));
+    return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+/* Lane q * RT + r = <query q, candidate row r> for a QT x RT tile (QT * RT = 16), fp32 accumulation.
+ * ahead > 0: also prefetch each row's line that many elements further on (a later tile of a contiguous block).
+ * ROWS_FIRST: read each row front to back before the next (one memory stream at a time: ~1.5x the bandwidth
+ * when there is little arithmetic per byte); otherwise step all rows together through D (each query load
+ * feeds RT dot products: ~2x the arithmetic rate when there are many query vectors). */
+TARGET static inline __attribute__((always_inline)) __m512 tile(const uint16_t *const *query,
+                                                                const uint16_t *const *row, int64_t dim, const int QT,
+                                                                const int RT, int64_t ahead, const int ROWS_FIRST) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    const int64_t full = dim & ~(int64_t)31;
+    if (ROWS_FIRST) {
+        for (int r = 0; r < RT; r++)
+            for (int64_t k = 0; k < full; k += 32) {
+                if (ahead) _mm_prefetch((const char *)(row[r] + k + ahead), _MM_HINT_T0);
+                __m512bh c = (__m512bh)_mm512_loadu_si512(row[r] + k);
+                for (int a = 0; a < QT; a++)
+                    acc[a * RT + r] = _mm512_dpbf16_ps(acc[a * RT + r], (__m512bh)_mm512_loadu_si512(query[a] + k), c);
+            }
+    }
+    int64_t k = ROWS_FIRST ? full : 0;
+    for (; k + 32 <= dim; k += 32) {
+        __m512bh q[4];
+        for (int a = 0; a < QT; a++) q[a] = (__m512bh)_mm512_loadu_si512(query[a] + k);
+        for (int r = 0; r < RT; r++) {
+            if (ahead) _mm_prefetch((const char *)(row[r] + k + ahead), _MM_HINT_T0);
+            __m512bh c = (__m512bh)_mm512_loadu_si512(row[r] + k);
+            for (int a = 0; a < QT; a++) acc[a * RT + r] = _mm512_dpbf16_ps(acc[a * RT + r], q[a], c);
+        }
+    }
+    if (k < dim) { /* D not a multiple of 32: masked loads read zeros past the end */
+        __mmask32 mask = (__mmask32)((1ull << (dim - k)) - 1);
+        __m512bh q[4];
+        for (int a = 0; a < QT; a++) q[a] = (__m512bh)_mm512_maskz_loadu_epi16(mask, query[a] + k);
+        for (int r = 0; r < RT; r++) {
+            __m512bh c = (__m512bh)_mm512_maskz_loadu_epi16(mask, row[r] + k);
+            for (int a = 0; a < QT; a++) acc[a * RT + r] = _mm512_dpbf16_ps(acc[a * RT + r], q[a], c);
+        }
+    }
+    __m512 ordered[16]; /* so that lane L of sum16's result is acc[L] */
+    for (int L = 0; L < 16; L++) ordered[4 * (L % 4) + L / 4] = acc[L];
+    return sum16(ordered);
+}
+
+/* Every lane becomes the max of its run of RT consecutive lanes (RT = 4, 8 or 16): a tile whose rows all
+ * belong to one item is reduced to one value per query vector in registers. */
+TARGET static inline __m512 max_over_rows(__m512 v, const int RT) {
+    v = _mm512_max_ps(v, _mm512_permute_ps(v, 0xB1)); /* neighbours */
+    v = _mm512_max_ps(v, _mm512_permute_ps(v, 0x4E)); /* pairs: runs of 4 */
+    if (RT >= 8) v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1)); /* 128-bit blocks: runs of 8 */
+    if (RT >= 16) v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E)); /* halves: all 16 */
+    return v;
+}
+
+/* One block of items: fold every stored vector of every block into best[q][item], QT x RT tiles at a time. */
+TARGET static inline __attribute__((always_inline)) void fold_items(
+    const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks, const uint16_t *const *bases,
+    const int64_t *takes, const int64_t *item_strides, int64_t first, int64_t count, float *best, int64_t block,
+    const int QT, const int RT, const int ROWS_FIRST) {
+    const uint16_t *query[4];
+    const uint16_t *row[16];
+    int64_t item[16] = {0};
+    float dots[16];
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t take = takes[b], rows = count * take;
+        /* a block whose items' vectors are back to back is one stream: prefetch a fixed number of rows ahead */
+        const int64_t ahead =
+            item_strides[b] == take * dim ? (ROWS_FIRST ? PREFETCH_ROWS_FIRST : PREFETCH_ROWS_STEPPED) * dim : 0;
+        int64_t next_item = 0, next_vector = 0; /* the next row, counted (no divisions in the loop) */
+        for (int64_t r0 = 0; r0 < rows; r0 += RT) {
+            const int valid_rows = rows - r0 < RT ? (int)(rows - r0) : RT;
+            for (int r = 0; r < valid_rows; r++) {
+                item[r] = next_item;
+                row[r] = bases[b] + (first + next_item) * item_strides[b] + next_vector * dim;
+                if (++next_vector == take) next_vector = 0, next_item++;
+            }
+            for (int r = valid_rows; r < RT; r++) { /* a short last tile repeats a row; its dots are ignored */
+                item[r] = item[valid_rows - 1];
+                row[r] = row[valid_rows - 1];
+            }
+            for (int64_t q0 = 0; q0 < m; q0 += QT) {
+                const int valid_q = m - q0 < QT ? (int)(m - q0) : QT;
+                for (int a = 0; a < QT; a++) query[a] = queries + (q0 + (a < valid_q ? a : valid_q - 1)) * dim;
+                const __m512 sims = tile(query, row, dim, QT, RT, q0 == 0 ? ahead : 0, ROWS_FIRST);
+                if (item[0] == item[RT - 1]) { /* one item (padding repeats a row): max in registers first */
+                    _mm512_storeu_ps(dots, max_over_rows(sims, RT));
+                    for (int a = 0; a < valid_q; a++) {
+                        float *at = best + (q0 + a) * block + item[0];
+                        *at = fmaxf(*at, dots[a * RT]);
+                    }
+                    continue;
+                }
+                _mm512_storeu_ps(dots, sims);
+                if (take == 1 && valid_rows == RT) { /* RT consecutive items: one vector max per query vector */
+                    for (int a = 0; a < valid_q; a++) {
+                        float *at = best + (q0 + a) * block + item[0];
+                        if (RT == 16) {
+                            _mm512_storeu_ps(at, _mm512_max_ps(_mm512_loadu_ps(at), sims));
+                        } else if (RT == 8) {
+                            _mm256_storeu_ps(at, _mm256_max_ps(_mm256_loadu_ps(at), _mm256_loadu_ps(dots + a * 8)));
+                        } else {
+                            _mm_storeu_ps(at, _mm_max_ps(_mm_loadu_ps(at), _mm_loadu_ps(dots + a * 4)));
+                        }
+                    }
+                    continue;
+                }
+                for (int a = 0; a < valid_q; a++) {
+                    float *line = best + (q0 + a) * block;
+                    for (int r = 0; r < valid_rows; r++) line[item[r]] = fmaxf(line[item[r]], dots[a * RT + r]);
+                }
+            }
+        }
+    }
+}
+
+/* Scores of items [lo, hi): scores[query][item] = sum over its r_q vectors of the best dot product.
+ * Returns 0, or -1 when m is out of range. */
+TARGET int metaembed_maxsim_bf16(const uint16_t *queries, int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks,
+                                 const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
+                                 int64_t lo, int64_t hi, float *scores, int64_t n) {
+    const int64_t m = nq * r_q;
+    if (m < 1 || m > MAX_QUERY_VECTORS) return -1;
+    const int64_t fit = BEST_FLOATS / m, block = fit < MIN_BLOCK ? MIN_BLOCK : fit > MAX_BLOCK ? MAX_BLOCK : fit;
+    float *best = malloc(sizeof(float) * m * block);
+    if (!best) return -1;
+    for (int64_t first = lo; first < hi; first += block) {
+        const int64_t count = hi - first < block ? hi - first : block;
+        for (int64_t i = 0; i < m * block; i++) best[i] = -INFINITY;
+        /* tile shapes keep 16 accumulators: one query vector x 16 rows, 2 x 8, or 4 x 4 */
+#define FOLD(QT, RT, ROWS_FIRST) \
+    fold_items(queries, m, dim, nblocks, bases, takes, item_strides, first, count, best, block, QT, RT, ROWS_FIRST)
+        if (m == 1)
+            FOLD(1, 16, 1);
+        else if (m <= 3)
+            FOLD(2, 8, 1);
+        else if (m <= ROWS_FIRST_MAX_M)
+            FOLD(4, 4, 1);
+        else
+            FOLD(4, 4, 0);
+#undef FOLD
+        for (int64_t q = 0; q < nq; q++) {
+            float *out = scores + q * n + first;
+            for (int64_t i = 0; i < count; i++) out[i] = 0.0f;
+            for (int64_t v = 0; v < r_q; v++) {
+                const float *line = best + (q * r_q + v) * block;
+                for (int64_t i = 0; i < count; i++) out[i] += line[i];
+            }
+        }
+    }
+    free(best);
+    return 0;
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_fused_maxsim",
+    .m_doc = "Fused bf16 MaxSim kernel, called through ctypes (see metaembed.fused).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__fused_maxsim(void) { return PyModule_Create(&module); }

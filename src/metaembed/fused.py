@@ -1,0 +1,122 @@
+"""The fused bf16 MaxSim kernel (``_fused_maxsim.c``): used when it was built and the CPU runs AVX512-BF16.
+
+It reads every candidate vector once and folds its dot products with all query vectors into a running max per
+item — no similarity block is written and read back — so one query streams the index near memory bandwidth,
+where library GEMMs with a 1-16 column side reach a fraction of it. Dot products accumulate in fp32 (the
+GEMM path rounds each one to bf16), so its scores are at least as close to the float64 reference.
+
+:func:`score_blocks` in :mod:`metaembed.scoring` calls :func:`fused_scores` when :func:`supports` says the
+inputs fit; set ``METAEMBED_FUSED=0`` to score with torch GEMMs only (the benchmarks compare the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+# Query vectors per call the kernel takes (its limit). Above MAX_QUERY_VECTORS_FAST a batch of queries is a
+# real GEMM and oneDNN's blocked kernels win; measured in benchmarks/maxsim_roofline.py (docs/kernels.md).
+MAX_QUERY_VECTORS = 1024
+MAX_QUERY_VECTORS_FAST = 64
+# Items per thread below which splitting the work across threads costs more than it saves.
+_MIN_ITEMS_PER_THREAD = 4096
+
+_p = ctypes.c_void_p
+_i64 = ctypes.c_int64
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec("metaembed._fused_maxsim")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    if not lib.metaembed_fused_supported():
+        return None
+    lib.metaembed_maxsim_bf16.restype = ctypes.c_int
+    lib.metaembed_maxsim_bf16.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64]
+    return lib
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="metaembed-maxsim")
+
+
+def available() -> bool:
+    """True when the kernel is built, this CPU runs AVX512-BF16, and ``METAEMBED_FUSED`` is not ``0``."""
+    return os.environ.get("METAEMBED_FUSED", "1") != "0" and _library() is not None
+
+
+def status() -> str:
+    """One line on whether scoring uses the kernel, and why not."""
+    if importlib.util.find_spec("metaembed._fused_maxsim") is None:
+        return "not built (no C compiler at install time?): scoring uses torch GEMMs"
+    if _library() is None:
+        return "built, but this CPU lacks AVX512-BF16: scoring uses torch GEMMs"
+    if not available():
+        return "switched off by METAEMBED_FUSED=0"
+    return "in use (AVX512-BF16)"
+
+
+def supports(queries: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """Whether :func:`fused_scores` takes these inputs and is the faster path for them.
+
+    bf16 candidate blocks on the CPU, no int8 scales, each item's vectors contiguous rows of D values, and at
+    most :data:`MAX_QUERY_VECTORS_FAST` query vectors (wider batches are GEMM-shaped: oneDNN is faster).
+    """
+    if queries.device.type != "cpu" or queries.shape[0] * queries.shape[1] > MAX_QUERY_VECTORS_FAST:
+        return False
+    for vectors, scale in blocks:
+        if scale is not None or vectors.dtype != torch.bfloat16 or vectors.device.type != "cpu":
+            return False
+        if vectors.stride(2) != 1 or (vectors.shape[1] > 1 and vectors.stride(1) != vectors.shape[2]):
+            return False
+    return available()
+
+
+def fused_scores(
+    queries: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]], threads: int | None = None
+) -> torch.Tensor:
+    """``(nq, N)`` fp32 MaxSim scores of all ``queries (nq, r_q, D)`` vectors against the blocks' vectors.
+
+    ``blocks`` as in :func:`metaembed.scoring.score_blocks` (bf16, no scales; check :func:`supports` first).
+    Disjoint item ranges run on ``threads`` threads (default ``torch.get_num_threads()``).
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the fused MaxSim kernel is not available on this machine (see metaembed.fused)")
+    nq, r_q, dim = queries.shape
+    if nq * r_q > MAX_QUERY_VECTORS:
+        raise ValueError(f"the fused kernel takes at most {MAX_QUERY_VECTORS} query vectors, got {nq * r_q}")
+    n = blocks[0][0].shape[0]
+    q = queries.reshape(nq * r_q, dim).to(torch.bfloat16).contiguous()
+    bases = (ctypes.c_void_p * len(blocks))(*(v.data_ptr() for v, _ in blocks))
+    takes = (ctypes.c_int64 * len(blocks))(*(v.shape[1] for v, _ in blocks))
+    strides = (ctypes.c_int64 * len(blocks))(*(v.stride(0) for v, _ in blocks))
+    scores = torch.empty(nq, n, dtype=torch.float32)
+
+    def run(lo: int, hi: int) -> None:
+        status = lib.metaembed_maxsim_bf16(
+            q.data_ptr(), nq, r_q, dim, len(blocks), bases, takes, strides, lo, hi, scores.data_ptr(), n
+        )
+        if status != 0:
+            raise MemoryError("the fused MaxSim kernel could not allocate its running-max buffer")
+
+    workers = max(1, min(threads or torch.get_num_threads(), n // _MIN_ITEMS_PER_THREAD))
+    if workers == 1:
+        run(0, n)
+        return scores
+    step = -(-n // workers)
+    ranges = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    for future in [_pool().submit(run, lo, hi) for lo, hi in ranges]:
+        future.result()  # the GIL is released inside the kernel: ranges run in parallel
+    return scores

@@ -1,0 +1,113 @@
+"""The fused bf16 MaxSim kernel against the float64 definition (it runs only where AVX512-BF16 does)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metaembed import Budget, fused, maxsim
+from metaembed.index.kernels import maxsim_grouped
+from metaembed.scoring import score_blocks
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="fused kernel not built or no AVX512-BF16 here")
+
+BOUNDS = (0, 1, 4, 8, 16, 64)
+
+
+def reference(queries: torch.Tensor, candidates: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """sum_i max_j <q_i, c_j> in float64 on the bf16-rounded inputs (the kernel reads bf16 and sums in fp32)."""
+    q = queries[:, : budget.r_q].to(torch.bfloat16).double()
+    c = candidates[:, : budget.r_c].to(torch.bfloat16).double()
+    return torch.einsum("qid,njd->qnij", q, c).amax(dim=3).sum(dim=2)
+
+
+def grouped_blocks(candidates: torch.Tensor, r_c: int) -> list[tuple[torch.Tensor, None]]:
+    """The index layout: contiguous prefix groups, each sliced to the vectors the budget takes (strided views)."""
+    return [
+        (candidates[:, a:b].contiguous()[:, : min(b, r_c) - a], None) for a, b in itertools.pairwise(BOUNDS) if a < r_c
+    ]
+
+
+def fp32_tolerance(expected: torch.Tensor, dim: int) -> float:
+    # fp32 accumulation of D products of bf16 values: a few ulps of the largest partial sums
+    return float(expected.abs().max()) * dim * 2**-22 + 1e-6
+
+
+@pytest.mark.parametrize("budget", Budget.LADDER, ids=str)
+@pytest.mark.parametrize(("nq", "n", "dim"), [(1, 1, 32), (1, 1000, 384), (2, 257, 100), (3, 700, 47)])
+def test_every_ladder_budget_matches_float64(budget, nq, n, dim):
+    gen = torch.Generator().manual_seed(hash((str(budget), nq, n, dim)) % 2**31)
+    queries = torch.randn(nq, 16, dim, generator=gen)
+    candidates = torch.randn(n, 64, dim, generator=gen).to(torch.bfloat16)
+    expected = reference(queries, candidates, budget)
+    blocks = grouped_blocks(candidates, budget.r_c)
+    got = fused.fused_scores(queries[:, : budget.r_q], blocks)
+    assert got.shape == (nq, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nq=st.integers(1, 4),
+    n=st.integers(1, 600),
+    r_q=st.integers(1, 16),
+    r_c=st.integers(1, 64),
+    dim=st.integers(1, 130),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_any_shape_any_thread_split_matches_float64(nq, n, r_q, r_c, dim, threads, seed):
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.randn(nq, r_q, dim, generator=gen) * 3  # scores of either sign, varied magnitude
+    candidates = torch.randn(n, 64, dim, generator=gen).to(torch.bfloat16)
+    budget = Budget(r_q, r_c)
+    expected = reference(queries, candidates, budget)
+    fused._MIN_ITEMS_PER_THREAD, saved = 1, fused._MIN_ITEMS_PER_THREAD  # split even small N across threads
+    try:
+        got = fused.fused_scores(queries, grouped_blocks(candidates, r_c), threads=threads)
+    finally:
+        fused._MIN_ITEMS_PER_THREAD = saved
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
+
+
+def test_one_query_through_maxsim_and_the_index_kernel_uses_it():
+    gen = torch.Generator().manual_seed(3)
+    q, c = torch.randn(1, 16, 64, generator=gen), torch.randn(300, 64, 64, generator=gen).to(torch.bfloat16)
+    want = fused.fused_scores(q[:, :8], [(c[:, :16], None)])
+    assert torch.equal(maxsim(q, c, "8x16"), want)
+    groups = [c[:, a:b].contiguous() for a, b in itertools.pairwise(BOUNDS)]
+    torch.testing.assert_close(maxsim_grouped(q, groups, Budget(8, 16)), want, rtol=1e-6, atol=1e-5)
+
+
+def test_switch_off_falls_back_to_torch_gemms(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    q, c = torch.randn(1, 4, 32, generator=gen), torch.randn(50, 8, 32, generator=gen).to(torch.bfloat16)
+    blocks = [(c, None)]
+    assert fused.supports(q, blocks)
+    monkeypatch.setenv("METAEMBED_FUSED", "0")
+    assert not fused.supports(q, blocks)
+    expected = reference(q, c, Budget(4, 8))
+    torch.testing.assert_close(score_blocks(q, blocks).double(), expected, rtol=0, atol=4 * 2**-8 * 8)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["fp32 candidates", "int8 scales", "wide batch", "vectors not rows"],
+)
+def test_inputs_it_does_not_take_go_to_the_gemm_path(case):
+    q = torch.randn(1, 4, 32)
+    c = torch.randn(10, 8, 32).to(torch.bfloat16)
+    blocks = [(c, None)]
+    if case == "fp32 candidates":
+        blocks = [(c.float(), None)]
+    elif case == "int8 scales":
+        blocks = [(c, torch.ones(10, 8))]
+    elif case == "wide batch":
+        q = torch.randn(5, 16, 32)  # 80 query vectors: a GEMM
+    else:
+        blocks = [(c.transpose(1, 2).contiguous().transpose(1, 2), None)]  # D is not the contiguous dim
+    assert not fused.supports(q, blocks)
