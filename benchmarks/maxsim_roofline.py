@@ -10,6 +10,10 @@ Where a budget's vectors would not fit in --max-gib, N is scaled down for that b
     PYTHONPATH=src python benchmarks/maxsim_roofline.py                 # D=384 and 2048, bf16 and fp32
     PYTHONPATH=src python benchmarks/maxsim_roofline.py --dims 384 --dtypes int8 --batch 32
 
+One bf16 query runs on the fused AVX512-BF16 kernel where it is built (`metaembed.fused`); the `path` column
+says which engine ran, and `--gemm-baseline` also times the torch-GEMM engine on the same data (the speed-up
+column is GEMM time / fused time, measured back to back).
+
 Timings on a shared machine are noisy: the script prints `uptime` and the spread, and ceilings are re-measured
 per (D, dtype) block so each ratio compares against the machine as it was at that moment.
 """
@@ -24,7 +28,7 @@ import statistics
 
 import torch
 
-from metaembed import Budget
+from metaembed import Budget, fused
 from metaembed.bench.ceilings import bytes_per_value, measure
 from metaembed.bench.scoring import GROUP_BOUNDS, index_bytes, time_ms
 from metaembed.index.kernels import maxsim_grouped
@@ -63,14 +67,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-gib", type=float, default=6.0, help="cap on one budget's candidate bytes")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--gemm-baseline", action="store_true", help="also time the torch-GEMM engine where fused runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = Budget.parse_many(args.budgets)
     print(f"uptime: {os.popen('uptime').read().strip()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.n:,}, repeats = {args.repeats}\n")
-    print("| D | dtype | budget | N | queries | ms / query (median ± std) | roofline ms | ratio | GB/s | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"fused kernel: {fused.status()}\n")
+    print(
+        "| D | dtype | budget | N | queries | path | ms / query (median ± std) | roofline ms | ratio | GB/s | GFLOP/s "
+        "| GEMM ms | speed-up |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dim, dtype in itertools.product(args.dims, args.dtypes):
         cap = int(args.max_gib * 2**30)
         n_of = {b: min(args.n, cap // (b.r_c * dim * bytes_per_value(dtype))) for b in budgets}
@@ -86,13 +95,22 @@ def main() -> None:
             for nq in [1] + ([args.batch] if args.batch > 1 else []):
                 q = torch.nn.functional.normalize(torch.randn(nq, 16, dim, generator=gen), dim=-1)
                 run = functools.partial(maxsim_grouped, q, view, budget, view_scales)
+                blocks = [(g, None) for g in view]  # int8 carries scales: always the GEMM engine
+                path = "fused" if view_scales is None and fused.supports(q[:, : budget.r_q], blocks) else "GEMM"
                 times = [t / nq for t in time_ms(run, args.repeats)]
                 flops, nbytes = budget.flops(n, dim), index_bytes(budget, n, dim, dtype)
                 roof = ceilings.roofline_ms(flops * nq, nbytes, dtype) / nq
                 med = statistics.median(times)
+                baseline = ""
+                if args.gemm_baseline and path == "fused":
+                    with fused.disabled():
+                        gemm = statistics.median(t / nq for t in time_ms(run, args.repeats))
+                    baseline = f" {gemm:,.2f} | {gemm / med:.1f}× |"
+                spread = statistics.stdev(times)
                 print(
-                    f"| {dim} | {dtype} | {budget} | {n:,} | {nq} | {med:,.2f} ± {statistics.stdev(times):,.2f} "
-                    f"| {roof:,.2f} | {med / roof:.2f}× | {nbytes / nq / med / 1e6:,.1f} | {flops / med / 1e6:,.0f} |",
+                    f"| {dim} | {dtype} | {budget} | {n:,} | {nq} | {path} | {med:,.2f} ± {spread:,.2f} "
+                    f"| {roof:,.2f} | {med / roof:.2f}× | {nbytes / nq / med / 1e6:,.1f} | {flops / med / 1e6:,.0f} |"
+                    + (baseline or " | |"),
                     flush=True,
                 )
         print(

@@ -30,9 +30,9 @@
 #define MIN_BLOCK 64
 #define MAX_BLOCK 4096
 #define MAX_QUERY_VECTORS 1024
-/* Up to this many query vectors a tile reads its rows one after another (memory-bound: one query with r_q <= 8
+/* Up to this many query vectors a tile reads its rows one after another (memory-bound: one query with r_q <= 4
  * reads D*r_c values per item for r_q*r_c*D multiply-adds); above it, all rows step through D together. */
-#define ROWS_FIRST_MAX_M 8
+#define ROWS_FIRST_MAX_M 4
 /* Software prefetch distance in rows (of D values) for contiguous blocks, per loop order. Measured on a
  * 2-core Zen 5 at N = 100,000, D = 384 (docs/kernels.md): 32 rows for rows-first, 8 rows (two 4-row tiles)
  * for the arithmetic-bound order, whose tiles take longer. */

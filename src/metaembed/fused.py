@@ -11,6 +11,7 @@ inputs fit; set ``METAEMBED_FUSED=0`` to score with torch GEMMs only (the benchm
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.util
@@ -19,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# Query vectors per call the kernel takes (its limit). Above MAX_QUERY_VECTORS_FAST a batch of queries is a
-# real GEMM and oneDNN's blocked kernels win; measured in benchmarks/maxsim_roofline.py (docs/kernels.md).
+# Query vectors per call the kernel takes (its limit). Scoring uses it up to MAX_QUERY_VECTORS_FAST (one
+# query): a batch of queries is a real GEMM, and oneDNN's blocked kernels are as fast or faster there (32
+# queries at 1x1 / 2x4: equal within 10%; benchmarks/maxsim_roofline.py, docs/kernels.md).
 MAX_QUERY_VECTORS = 1024
-MAX_QUERY_VECTORS_FAST = 64
+MAX_QUERY_VECTORS_FAST = 16
 # Items per thread below which splitting the work across threads costs more than it saves.
 _MIN_ITEMS_PER_THREAD = 4096
 
@@ -54,6 +56,20 @@ def _pool() -> ThreadPoolExecutor:
 def available() -> bool:
     """True when the kernel is built, this CPU runs AVX512-BF16, and ``METAEMBED_FUSED`` is not ``0``."""
     return os.environ.get("METAEMBED_FUSED", "1") != "0" and _library() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Score with torch GEMMs inside the block (sets ``METAEMBED_FUSED=0`` for the process; for benchmarks)."""
+    saved = os.environ.get("METAEMBED_FUSED")
+    os.environ["METAEMBED_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["METAEMBED_FUSED"]
+        else:
+            os.environ["METAEMBED_FUSED"] = saved
 
 
 def status() -> str:
