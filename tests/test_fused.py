@@ -111,3 +111,22 @@ def test_inputs_it_does_not_take_go_to_the_gemm_path(case):
     else:
         blocks = [(c.transpose(1, 2).contiguous().transpose(1, 2), None)]  # D is not the contiguous dim
     assert not fused.supports(q, blocks)
+
+
+_FORK_INPUTS: list = []
+
+
+def _score_fork_inputs() -> list[float]:
+    # only the kernel runs in the child: torch's own OpenMP ops are not fork-safe once the parent used them
+    q, c = _FORK_INPUTS
+    return fused.fused_scores(q, [(c, None)], threads=2).flatten().tolist()
+
+
+def test_a_forked_child_scores_with_its_own_threads():
+    import multiprocessing
+
+    gen = torch.Generator().manual_seed(5)
+    _FORK_INPUTS[:] = [torch.randn(1, 2, 32, generator=gen), torch.randn(9000, 4, 32, generator=gen).to(torch.bfloat16)]
+    want = _score_fork_inputs()  # the parent's thread pool exists now; a child inherits it without its threads
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_score_fork_inputs).get(timeout=30) == want

@@ -53,6 +53,10 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="metaembed-maxsim")
 
 
+# A forked child inherits the pool object but not its threads: it must start its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def available() -> bool:
     """True when the kernel is built, this CPU runs AVX512-BF16, and ``METAEMBED_FUSED`` is not ``0``."""
     return os.environ.get("METAEMBED_FUSED", "1") != "0" and _library() is not None
