@@ -25,3 +25,13 @@ def test_console_entry_point_help():
         [sys.executable, "-m", "metaembed.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "demo" in result.stdout
+
+
+def test_help_does_not_import_torch():
+    # every room imports its heavy dependencies inside its commands: `metaembed --help` answers at once
+    probe = (
+        "import sys, metaembed.cli; metaembed.cli.build_parser(); "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"

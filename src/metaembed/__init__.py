@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from metaembed.budget import Budget
 from metaembed.errors import BudgetError, CheckpointError, InputError, MetaEmbedError, ShapeError
+from metaembed.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -18,12 +19,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'metaembed' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

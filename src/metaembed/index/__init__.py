@@ -8,19 +8,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metaembed.errors import InputError
-from metaembed.index.base import (
-    DuplicateIdError,
-    Index,
-    IndexExistsError,
-    IndexFormatError,
-    IndexLockedError,
-    IndexNotFoundError,
-    ReadOnlyIndexError,
-    SearchResults,
-    UnknownIdError,
+from metaembed.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from metaembed.index.base import Index
+
+# The protocol and its errors live in metaembed.index.base, which imports torch (~1 s): loaded on first use,
+# so importing a submodule (the CLI, for ``metaembed --help``) does not pay for it.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "DuplicateIdError": "metaembed.index.base",
+        "Index": "metaembed.index.base",
+        "IndexExistsError": "metaembed.index.base",
+        "IndexFormatError": "metaembed.index.base",
+        "IndexLockedError": "metaembed.index.base",
+        "IndexNotFoundError": "metaembed.index.base",
+        "ReadOnlyIndexError": "metaembed.index.base",
+        "SearchResults": "metaembed.index.base",
+        "UnknownIdError": "metaembed.index.base",
+    },
 )
 
 BACKENDS = ("embedded", "qdrant")

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from metaembed.train.loss import LossGroup, MatryoshkaMultiVectorLoss, mmr_loss, variant_groups
+from metaembed.lazy import lazy_exports
+
+# loaded on first use: the loss imports torch, which `metaembed train --help` should not wait for
+__getattr__ = lazy_exports(
+    __name__,
+    {name: "metaembed.train.loss" for name in ("LossGroup", "MatryoshkaMultiVectorLoss", "mmr_loss", "variant_groups")},
+)
 
 __all__ = ["LossGroup", "MatryoshkaMultiVectorLoss", "mmr_loss", "variant_groups"]
