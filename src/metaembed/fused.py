@@ -125,10 +125,10 @@ def fused_scores(
     scores = torch.empty(nq, n, dtype=torch.float32)
 
     def run(lo: int, hi: int) -> None:
-        status = lib.metaembed_maxsim_bf16(
+        code = lib.metaembed_maxsim_bf16(
             q.data_ptr(), nq, r_q, dim, len(blocks), bases, takes, strides, lo, hi, scores.data_ptr(), n
         )
-        if status != 0:
+        if code != 0:
             raise MemoryError("the fused MaxSim kernel could not allocate its running-max buffer")
 
     workers = max(1, min(threads or torch.get_num_threads(), n // _MIN_ITEMS_PER_THREAD))
