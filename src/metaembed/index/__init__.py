@@ -18,20 +18,18 @@ if TYPE_CHECKING:
 
 # The protocol and its errors live in metaembed.index.base, which imports torch (~1 s): loaded on first use,
 # so importing a submodule (the CLI, for ``metaembed --help``) does not pay for it.
-__getattr__ = lazy_exports(
-    __name__,
-    {
-        "DuplicateIdError": "metaembed.index.base",
-        "Index": "metaembed.index.base",
-        "IndexExistsError": "metaembed.index.base",
-        "IndexFormatError": "metaembed.index.base",
-        "IndexLockedError": "metaembed.index.base",
-        "IndexNotFoundError": "metaembed.index.base",
-        "ReadOnlyIndexError": "metaembed.index.base",
-        "SearchResults": "metaembed.index.base",
-        "UnknownIdError": "metaembed.index.base",
-    },
+_FROM_BASE = (
+    "DuplicateIdError",
+    "Index",
+    "IndexExistsError",
+    "IndexFormatError",
+    "IndexLockedError",
+    "IndexNotFoundError",
+    "ReadOnlyIndexError",
+    "SearchResults",
+    "UnknownIdError",
 )
+__getattr__ = lazy_exports(__name__, dict.fromkeys(_FROM_BASE, "metaembed.index.base"))
 
 BACKENDS = ("embedded", "qdrant")
 
