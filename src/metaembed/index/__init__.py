@@ -80,17 +80,4 @@ def open_index(path: str | os.PathLike[str] | None, *, backend: str | None = Non
     raise InputError(f"unknown index backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
-__all__ = [
-    "BACKENDS",
-    "DuplicateIdError",
-    "Index",
-    "IndexExistsError",
-    "IndexFormatError",
-    "IndexLockedError",
-    "IndexNotFoundError",
-    "ReadOnlyIndexError",
-    "SearchResults",
-    "UnknownIdError",
-    "create_index",
-    "open_index",
-]
+__all__ = ["BACKENDS", *_FROM_BASE, "create_index", "open_index"]
