@@ -9,6 +9,12 @@ sliced per group, as in the reference ``ColbertInBatchNegativeLoss``.
 
 Baselines share this code path: NoMMR trains only the full budget; single-vector models (pooling
 ``last`` / ``mean``) have one vector, so the only group is (1, 1); ``split-X`` trains (X_q, X_c).
+
+Two optional terms work against an item's vectors collapsing into copies of one another (both off by
+default): a soft MaxSim in the loss (``τ_s·logsumexp(s/τ_s)`` over the candidate vectors instead of their
+max, DivE's smooth Chamfer, arXiv 2211.16761), which sends gradient to every candidate vector and not only
+the winner, annealed to the hard max that serving uses; and a diversity penalty, the mean squared cosine
+between an item's own vectors.
 """
 
 from __future__ import annotations
@@ -91,6 +97,46 @@ def variant_pooling(variant: str) -> str:
     raise TrainConfigError(f"unknown training variant {variant!r}; choose one of {VARIANTS}")
 
 
+def soft_max(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``τ·logsumexp(scores/τ)`` over the last dim; the hard max (the same ``amax``) at ``τ = 0``.
+
+    Every entry gets gradient ``softmax(scores/τ)`` instead of only the largest one, so candidate vectors
+    that never win the max still learn; the result exceeds the max by at most ``τ·log(n)``.
+    """
+    if temperature == 0:
+        return scores.amax(-1)
+    return temperature * torch.logsumexp(scores / temperature, dim=-1)
+
+
+def annealed_temperature(start: float | None, anneal_steps: int, step: int) -> float:
+    """The soft-max temperature at a training step: ``start`` falling linearly to 0 over ``anneal_steps``.
+
+    ``start`` None or 0: 0 (the hard max). ``anneal_steps`` 0: ``start`` at every step. From step
+    ``anneal_steps`` on: 0, so a run ends on the objective that serving scores with.
+    """
+    if not start:
+        return 0.0
+    if anneal_steps <= 0:
+        return float(start)
+    return float(start) * max(0.0, 1.0 - step / anneal_steps)
+
+
+def diversity_penalty(vectors: torch.Tensor) -> torch.Tensor:
+    """Mean over items of the mean squared cosine between an item's distinct vectors: ``(n, R, D)`` → scalar.
+
+    Per item ``‖VVᵀ − I‖_F² / (R(R−1))`` with ``V`` the item's L2-normalised vectors: 0 when they are
+    orthogonal, 1 when they are copies of one another. One vector per item gives 0.
+    """
+    count = vectors.shape[1]
+    if count < 2:
+        return vectors.new_zeros(())
+    with torch.autocast(device_type=vectors.device.type, enabled=False):  # a bf16 Gram rounds cosines near 1
+        unit = F.normalize(vectors.to(torch.promote_types(vectors.dtype, torch.float32)), dim=-1)
+        gram = unit @ unit.transpose(1, 2)
+        diagonal = torch.eye(count, dtype=torch.bool, device=vectors.device)
+        return gram.masked_fill(diagonal, 0).square().sum((1, 2)).div(count * (count - 1)).mean()
+
+
 def mmr_loss(
     queries: torch.Tensor,
     positives: torch.Tensor,
@@ -101,6 +147,7 @@ def mmr_loss(
     positive_offset: int = 0,
     negative_mask: torch.Tensor | None = None,
     normalize_scores: bool = False,
+    soft_max_temperature: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MMR loss on embeddings, and each group's loss.
 
@@ -115,6 +162,8 @@ def mmr_loss(
         negative_mask: ``(B, k)`` bool, False where query ``u`` has no ``j``-th negative (its logit is dropped).
         normalize_scores: divide each group's MaxSim by its ``r_q`` (the reference's ``normalize_scores``
             option, off there): every group's logits then span ``[-1/τ, 1/τ]``, as a single vector's do.
+        soft_max_temperature: τ_s ≥ 0; the max over a group's ``r_c`` candidate vectors becomes
+            :func:`soft_max` at τ_s (positives and own negatives alike). 0: the hard max, as served.
 
     Returns:
         ``(Σ_g w_g L_g / G, {group name: L_g})`` with ``L_g`` the mean cross-entropy over the B queries.
@@ -125,6 +174,8 @@ def mmr_loss(
         )
     if not groups:
         raise TrainConfigError("the loss needs at least one group")
+    if soft_max_temperature < 0:
+        raise TrainConfigError(f"soft_max_temperature must be ≥ 0 (0 = hard max), got {soft_max_temperature}")
     batch = queries.shape[0]
     if positive_offset + batch > positives.shape[0]:
         raise ShapeError(
@@ -153,9 +204,9 @@ def mmr_loss(
         total = queries.new_zeros((), dtype=dtype)
         for group in groups:
             scale = 1.0 / group.r_q if normalize_scores else 1.0
-            logits = sims[..., : group.r_q, : group.r_c].amax(-1).sum(-1) * scale
+            logits = soft_max(sims[..., : group.r_q, : group.r_c], soft_max_temperature).sum(-1) * scale
             if neg_sims is not None:
-                neg_scores = neg_sims[..., : group.r_q, : group.r_c].amax(-1).sum(-1) * scale
+                neg_scores = soft_max(neg_sims[..., : group.r_q, : group.r_c], soft_max_temperature).sum(-1) * scale
                 if negative_mask is not None:
                     neg_scores = neg_scores.masked_fill(~negative_mask.to(torch.bool), float("-inf"))
                 logits = torch.cat([logits, neg_scores], dim=1)
@@ -175,6 +226,12 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         temperature: τ (paper 0.03, fixed).
         gather: all-gather positives across ranks with gradient (queries stay local).
         normalize_scores: MaxSim / r_q in the loss (see :func:`mmr_loss`); serving scores are unchanged.
+        soft_max_temperature: start value of τ_s for the soft MaxSim (:func:`soft_max`); ``None`` or 0: the
+            hard max. Serving scores are unchanged (hard max).
+        soft_max_anneal_steps: τ_s falls linearly to 0 over this many steps (:func:`annealed_temperature`,
+            read at :attr:`step`, which the trainer sets); 0: τ_s stays at its start value.
+        diversity_weight: λ; adds ``λ·(P_q + P_c)/2`` with ``P`` the :func:`diversity_penalty` of this
+            rank's queries and of its candidates (positives and negatives); 0: off.
 
     Inputs (``forward(batch)``): ``batch["query"]`` and ``batch["candidate"]`` are processor
     outputs (``model.processor(items, side)``), or lists of them (mini-batch chunks, concatenated).
@@ -183,7 +240,8 @@ class MatryoshkaMultiVectorLoss(nn.Module):
     ``forward(inputs, side)`` instead returns the embeddings of one processed batch (cached
     mini-batches call it that way under DDP).
 
-    Returns the scalar loss; ``last_logs`` then holds each group's loss as a float.
+    Returns the scalar loss; ``last_logs`` then holds each group's loss as a float, plus ``diversity``
+    (the unweighted mean of the two penalties) and ``soft_max_temperature`` (τ_s) when those are on.
 
     Example:
         >>> loss_fn = MatryoshkaMultiVectorLoss(model)  # doctest: +SKIP
@@ -200,10 +258,21 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         temperature: float = 0.03,
         gather: bool = True,
         normalize_scores: bool = False,
+        soft_max_temperature: float | None = None,
+        soft_max_anneal_steps: int = 0,
+        diversity_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise TrainConfigError(f"temperature must be > 0, got {temperature}")
+        if soft_max_temperature is not None and soft_max_temperature < 0:
+            raise TrainConfigError(
+                f"soft_max_temperature must be ≥ 0 or null (null or 0 = hard max), got {soft_max_temperature}"
+            )
+        if soft_max_anneal_steps < 0:
+            raise TrainConfigError(f"soft_max_anneal_steps must be ≥ 0 (0 = no annealing), got {soft_max_anneal_steps}")
+        if diversity_weight < 0:
+            raise TrainConfigError(f"diversity_weight must be ≥ 0 (0 = off), got {diversity_weight}")
         self.model = model
         n_q, n_c = model.num_vectors("query"), model.num_vectors("candidate")
         if groups is None:
@@ -221,7 +290,16 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         self.temperature = float(temperature)
         self.gather = gather
         self.normalize_scores = normalize_scores
+        self.soft_max_temperature = soft_max_temperature
+        self.soft_max_anneal_steps = soft_max_anneal_steps
+        self.diversity_weight = float(diversity_weight)
+        self.step = 0  # the training step; the trainer sets it before each step (soft-max annealing reads it)
         self.last_logs: dict[str, float] = {}
+
+    @property
+    def current_soft_max_temperature(self) -> float:
+        """τ_s at :attr:`step` (0: the hard max)."""
+        return annealed_temperature(self.soft_max_temperature, self.soft_max_anneal_steps, self.step)
 
     def forward(self, batch: dict, side: str | None = None) -> torch.Tensor:
         if side is not None:
@@ -255,6 +333,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         offset = 0
         if self.gather:
             positives, offset = gather_with_grad(positives)
+        soft_temperature = self.current_soft_max_temperature
         loss, per_group = mmr_loss(
             queries,
             positives,
@@ -264,6 +343,14 @@ class MatryoshkaMultiVectorLoss(nn.Module):
             positive_offset=offset,
             negative_mask=negative_mask,
             normalize_scores=self.normalize_scores,
+            soft_max_temperature=soft_temperature,
         )
-        self.last_logs = {name: float(value.detach()) for name, value in per_group.items()}
+        logs = {name: float(value.detach()) for name, value in per_group.items()}
+        if self.soft_max_temperature:
+            logs["soft_max_temperature"] = soft_temperature
+        if self.diversity_weight:  # this rank's own items: no gather needed
+            diversity = (diversity_penalty(queries) + diversity_penalty(candidates)) / 2
+            loss = loss + self.diversity_weight * diversity
+            logs["diversity"] = float(diversity.detach())
+        self.last_logs = logs
         return loss
