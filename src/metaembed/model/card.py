@@ -5,6 +5,11 @@ from __future__ import annotations
 from metaembed.budget import Budget
 from metaembed.model.config import MetaEmbedConfig
 
+ANCHOR_NOTES = {
+    "mean": ", each anchored on the content mean (`meta_anchor: mean`)",
+    "slots": ", each anchored on its share of the content within its budget group (`meta_anchor: slots`)",
+}
+
 
 def render_model_card(config: MetaEmbedConfig, embedding_dim: int, quality: dict | None = None) -> str:
     """Markdown: what the model is, how to load it, and per budget its bytes, FLOPs and quality."""
@@ -50,7 +55,7 @@ def _fmt(value) -> str:
 
 def _readout(config: MetaEmbedConfig) -> str:
     if config.pooling == "meta":
-        anchor = ", each anchored on the content mean (`meta_anchor: mean`)" if config.meta_anchor else ""
+        anchor = ANCHOR_NOTES.get(config.meta_anchor, "")
         return f"{config.num_query_tokens} query and {config.num_candidate_tokens} candidate Meta Tokens{anchor}"
     return (
         f"baseline pooling `{config.pooling}` ({config.vectors('query')} query and "

@@ -42,6 +42,11 @@ class MetaEmbedConfig:
             so a fresh model starts exactly at mean pooling and training adds what each Meta Token learns.
             For backbones whose pretrained read-out is the mean (sentence encoders such as the mini model's
             MiniLM), where Meta Tokens learned from scratch lag far behind it (docs/results.md).
+            ``"slots"``: as ``"mean"``, but vector i starts from the content averaged with the attention
+            weights Meta Token i wins against the other Meta Tokens of its ladder group (candidates
+            [0,1) [1,4) [4,8) [8,16) [16,64), queries [0,1) [1,2) [2,4) [4,8) [8,16)): the slots of a
+            group split each content token between them, so their vectors cannot all be the same mean
+            (``metaembed.model.readout``). Vector 0, alone in its group, starts at the content mean.
     """
 
     backbone_family: str
@@ -98,7 +103,7 @@ class MetaEmbedConfig:
             raise CheckpointError(f"{path} is not a valid metaembed config: {error}") from error
 
 
-META_ANCHORS = (None, "mean")
+META_ANCHORS = (None, "mean", "slots")
 POOLINGS = ("meta", "last", "mean", "split-X", "split-QxC")
 
 

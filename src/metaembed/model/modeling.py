@@ -21,11 +21,13 @@ from metaembed.model.card import render_model_card
 from metaembed.model.config import MetaEmbedConfig
 from metaembed.model.items import ItemLike, check_batch, to_items
 from metaembed.model.meta_tokens import MetaSlots, Side, meta_slots
+from metaembed.model.readout import SlotReadout, slot_groups
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 META_INIT_STD = 0.02  # Qwen2.5-VL's initializer_range, which the official code's fresh nn.Embedding gets
+META_INITS = ("normal", "orthogonal")
 
 
 class MetaEmbedModel(nn.Module):
@@ -50,12 +52,13 @@ class MetaEmbedModel(nn.Module):
         self.meta_tokens = nn.Embedding(config.num_query_tokens + config.num_candidate_tokens, hidden)
         nn.init.normal_(self.meta_tokens.weight, std=META_INIT_STD)
         self.projection = nn.Linear(hidden, config.dim) if config.dim is not None else None
-        self.meta_residual = None  # config.meta_anchor == "mean": vectors = content mean + this map of the states
-        if config.meta_anchor == "mean":
+        self.meta_residual = None  # with a meta_anchor: vectors = the anchor + this map of the states
+        if config.meta_anchor is not None:
             self.meta_residual = nn.Linear(hidden, hidden, bias=False)
-            nn.init.zeros_(self.meta_residual.weight)  # a fresh model reads out exactly the mean
+            nn.init.zeros_(self.meta_residual.weight)  # a fresh model reads out exactly the anchor
+        self.slot_readout = SlotReadout(hidden) if config.meta_anchor == "slots" else None
         dtype = next(backbone.parameters()).dtype
-        for module in (self.meta_tokens, self.projection, self.meta_residual):
+        for module in (self.meta_tokens, self.projection, self.meta_residual, self.slot_readout):
             if module is not None:
                 module.to(dtype)
 
@@ -67,21 +70,47 @@ class MetaEmbedModel(nn.Module):
         *,
         family: str | None = None,
         torch_dtype: torch.dtype | str | None = None,
+        meta_init: str = "normal",
         **config_overrides,
     ) -> MetaEmbedModel:
         """A new MetaEmbed model (fresh Meta Tokens) on a transformers backbone.
 
         ``name_or_path`` is a local directory or hub id with the backbone's config, weights and
         tokenizer (and image processor for VLMs). ``config_overrides`` set :class:`MetaEmbedConfig`
-        fields, e.g. ``num_query_tokens=16, num_candidate_tokens=64, dim=128``.
+        fields, e.g. ``num_query_tokens=16, num_candidate_tokens=64, dim=128``. ``meta_init`` picks the
+        Meta Tokens' starting values (see :meth:`init_meta_tokens`); only training reads it, so it is not
+        part of the config.
         """
+        if meta_init not in META_INITS:
+            raise ValueError(f"meta_init must be one of {META_INITS}, got {meta_init!r}")
         if family is None:
             try:
                 family = detect_family(name_or_path)
             except OSError as error:
                 raise CheckpointError(f"cannot load a backbone config from {str(name_or_path)!r}: {error}") from error
         config = MetaEmbedConfig(backbone_family=family, **config_overrides)
-        return cls._assemble(config, name_or_path, _dtype(torch_dtype))
+        model = cls._assemble(config, name_or_path, _dtype(torch_dtype))
+        model.init_meta_tokens(meta_init)
+        return model
+
+    def init_meta_tokens(self, how: str) -> None:
+        """Set the Meta Tokens' starting values: "normal" keeps the construction's N(0, 0.02²) rows.
+
+        "orthogonal": rows as orthogonal as the width allows (all of them when R_q + R_c ≤ hidden), each
+        scaled to the mean L2 norm of the backbone's input-embedding rows. Random 0.02-std rows are
+        short next to real token embeddings and start nearly alike; orthogonal rows of a token's length
+        give every Meta Token its own direction from the first step.
+        """
+        if how not in META_INITS:
+            raise ValueError(f"meta_init must be one of {META_INITS}, got {how!r}")
+        if how == "normal":
+            return
+        weight = self.meta_tokens.weight
+        rows = torch.empty(weight.shape, dtype=torch.float32)
+        nn.init.orthogonal_(rows)  # QR in float32: bf16 has no CPU QR
+        length = self.backbone.model.get_input_embeddings().weight.detach().float().norm(dim=1).mean()
+        with torch.no_grad():
+            weight.copy_(F.normalize(rows, dim=1) * length.cpu())
 
     @classmethod
     def _assemble(cls, config: MetaEmbedConfig, backbone_path: str | Path, dtype: torch.dtype | None):
@@ -162,15 +191,19 @@ class MetaEmbedModel(nn.Module):
         if self.config.pooling == "meta":
             states = hidden[:, -slots.count :][:, slots.readout]
             if self.meta_residual is not None:  # the content positions are all but the last slots.count
-                content_mean = pool_hidden(
-                    hidden[:, : -slots.count], batch["attention_mask"][:, : -slots.count], "mean", 1
-                )
-                states = content_mean + self.meta_residual(states)
+                content, mask = hidden[:, : -slots.count], batch["attention_mask"][:, : -slots.count]
+                states = self._anchor(states, content, mask, side) + self.meta_residual(states)
         else:
             states = pool_hidden(hidden, batch["attention_mask"], self.config.pooling, self.num_vectors(side))
         if self.projection is not None:
             states = self.projection(states)
         return F.normalize(states.float(), dim=-1)
+
+    def _anchor(self, states: torch.Tensor, content: torch.Tensor, mask: torch.Tensor, side: Side) -> torch.Tensor:
+        """What the Meta-Token states are added to: the content mean, or each slot's share of the content."""
+        if self.slot_readout is not None:
+            return self.slot_readout(states, content, mask, slot_groups(side, states.shape[1]))
+        return pool_hidden(content, mask, "mean", 1)
 
     def _slots(self, side: Side) -> MetaSlots:
         if self.config.pooling != "meta":
@@ -294,6 +327,8 @@ class MetaEmbedModel(nn.Module):
             state.update({f"projection.{k}": v for k, v in self.projection.state_dict().items()})
         if self.meta_residual is not None:
             state["meta_residual.weight"] = self.meta_residual.weight
+        if self.slot_readout is not None:
+            state.update({f"slot_readout.{k}": v for k, v in self.slot_readout.state_dict().items()})
         return state
 
     def _load_head(self, path: Path) -> None:
