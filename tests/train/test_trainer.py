@@ -163,3 +163,20 @@ def test_numbers_without_a_dot_are_numbers():
     assert recipe.train.learning_rate == 0.003 and recipe.train.head_learning_rate == 0.01
     with pytest.raises(MetaEmbedError, match="must be a number"):
         load_recipe(RECIPE, ["train.learning_rate=fast"])
+
+
+def test_regulariser_keys_reach_the_model_loss_and_head_learning_rate(tiny_backbone, tmp_path):
+    """Slot read-out, orthogonal Meta Tokens, annealed soft MaxSim and the diversity penalty from recipe keys."""
+    keys = ["model.meta_anchor=slots", "model.meta_init=orthogonal", "loss.soft_max_temperature=0.1"]
+    keys += ["loss.soft_max_anneal_steps=2", "loss.diversity_weight=0.1", "train.head_learning_rate=0.5"]
+    trainer = MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path, *keys, "train.max_steps=3", "train.cache_chunk_size=3"))
+    norms = trainer.model.meta_tokens.weight.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, float(norms[0])))
+    assert norms[0] > 0.1  # token-embedding length, not the 0.02-std normal init
+    head = {id(p) for g in trainer.optimizer.param_groups if g["initial_lr"] == 0.5 for p in g["params"]}
+    for name in ("slot_readout.query.weight", "slot_readout.key.weight", "meta_residual.weight"):
+        assert id(dict(trainer.model.named_parameters())[name]) in head, name
+    final = trainer.train()
+    assert [row["soft_max_temperature"] for row in trainer.history] == pytest.approx([0.1, 0.05, 0.0])
+    assert all(0 < row["diversity"] <= 1 for row in trainer.history)
+    assert MetaEmbedModel.from_pretrained(final).config.meta_anchor == "slots"

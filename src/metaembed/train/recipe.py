@@ -30,6 +30,8 @@ class ModelRecipe:
     meta_layout: str = "reference"
     max_text_tokens: int = 1024
     meta_anchor: str | None = None  # "mean": Meta-Token vectors anchored on the content mean (MetaEmbedConfig)
+    # "slots" anchors each on its share of the content, the slots of a budget group competing for tokens
+    meta_init: str = "normal"  # fresh Meta Tokens: "normal" (std 0.02) | "orthogonal" (rows of token-embedding length)
 
 
 @dataclass
@@ -49,6 +51,9 @@ class LossRecipe:
     temperature: float = 0.03
     normalize_scores: bool = False  # MaxSim / r_q in the loss (the reference's option; see docs/results.md)
     gather: bool = True  # all-gather positives across ranks with gradient
+    soft_max_temperature: float | None = None  # τ_s: MaxSim's max → τ_s·logsumexp(s/τ_s) in the loss; null = hard max
+    soft_max_anneal_steps: int = 0  # τ_s falls linearly to 0 over this many steps (0: constant)
+    diversity_weight: float = 0.0  # λ · mean squared cosine between an item's own vectors (0: off)
 
 
 @dataclass

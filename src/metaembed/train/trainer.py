@@ -67,6 +67,7 @@ def build_model(recipe: Recipe, workdir: Path):
             max_text_tokens=m.max_text_tokens,
             pooling=pooling,
             meta_anchor=m.meta_anchor if pooling == "meta" else None,  # baselines of the same recipe: no anchor
+            meta_init=m.meta_init if pooling == "meta" else "normal",
         )
     lora = recipe.lora
     if lora.enabled and model.config.lora is None:
@@ -135,8 +136,16 @@ class MetaEmbedTrainer:
             self.model = build_model(recipe, self.output_dir)
         n_q, n_c = self.model.num_vectors("query"), self.model.num_vectors("candidate")
         groups = recipe.loss.groups or variant_groups(recipe.loss.variant, n_q, n_c)
+        loss_recipe = recipe.loss
         self.loss_fn = MatryoshkaMultiVectorLoss(
-            self.model, groups, recipe.loss.temperature, recipe.loss.gather, recipe.loss.normalize_scores
+            self.model,
+            groups,
+            loss_recipe.temperature,
+            loss_recipe.gather,
+            loss_recipe.normalize_scores,
+            soft_max_temperature=loss_recipe.soft_max_temperature,
+            soft_max_anneal_steps=loss_recipe.soft_max_anneal_steps,
+            diversity_weight=loss_recipe.diversity_weight,
         )
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.trainable:
@@ -239,6 +248,7 @@ class MetaEmbedTrainer:
         t, acc = self.recipe.train, self.accelerator
         examples = self.data.next_batch(t.batch_size, self.recipe.data.batch_by_dataset)
         batch = collate(self.model, examples, self.recipe.data.num_negatives, t.cache_chunk_size)
+        self.loss_fn.step = self.step  # soft-max annealing follows the training step
         if t.cache_chunk_size:
             loss = cached_loss_backward(
                 self.module,
@@ -379,12 +389,12 @@ class MetaEmbedTrainer:
 
 
 # trained from scratch, not adapted
-HEAD_PARAMETERS = ("meta_tokens.", "meta_residual.", "projection.", "backbone.projector.")
+HEAD_PARAMETERS = ("meta_tokens.", "meta_residual.", "slot_readout.", "projection.", "backbone.projector.")
 
 
 def _param_groups(trainable: list[tuple[str, torch.nn.Parameter]], t) -> list[dict]:
     """AdamW groups: weight decay only on matrices (never Meta Tokens); ``head_learning_rate`` for the
-    parts trained from scratch (Meta Tokens, projection, the mini projector)."""
+    parts trained from scratch (Meta Tokens, anchor maps, projection, the mini projector)."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, parameter in trainable:
         head = name.startswith(HEAD_PARAMETERS)
