@@ -29,8 +29,7 @@ class ModelRecipe:
     dim: int | None = None
     meta_layout: str = "reference"
     max_text_tokens: int = 1024
-    meta_anchor: str | None = None  # "mean": Meta-Token vectors anchored on the content mean (MetaEmbedConfig)
-    # "slots" anchors each on its share of the content, the slots of a budget group competing for tokens
+    meta_anchor: str | None = None  # "mean" | "slots": Meta-Token vectors anchored on the content (MetaEmbedConfig)
     meta_init: str = "normal"  # fresh Meta Tokens: "normal" (std 0.02) | "orthogonal" (rows of token-embedding length)
 
 
