@@ -20,8 +20,15 @@ bench: setup
 	.venv/bin/python benchmarks/maxsim_roofline.py
 
 # Real offline datasets: fetch the raw packages (apt / npm, pinned and checksummed) into data/raw, then build
-# data/openclipart and data/emoji (deterministic; see docs/data.md). A built dataset is not rebuilt.
-data: setup data/openclipart/manifest.json data/emoji/manifest.json
+# data/openclipart and data/emoji, the multi-aspect data/sheets (pages of their pictures) and data/stdlib
+# (sections of the standard library's docstrings); deterministic, see docs/data.md. A built dataset is not rebuilt.
+data: setup data/openclipart/manifest.json data/emoji/manifest.json data/sheets/manifest.json data/stdlib/manifest.json
+
+data/sheets/manifest.json: data/openclipart/manifest.json data/emoji/manifest.json
+	.venv/bin/metaembed data build sheets
+
+data/stdlib/manifest.json:
+	.venv/bin/metaembed data build stdlib
 
 data/%/manifest.json:
 	bash scripts/fetch_resources.sh

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -26,8 +24,10 @@ from metaembed.data.common import (
     hard_negatives,
     hash_int,
     is_test,
+    jsonl_bytes,
     render_image,
     split_rule,
+    write_atomically,
 )
 from metaembed.data.errors import FETCH_HINT, DatasetError, ImageSkippedWarning, MissingRawDataError
 
@@ -125,7 +125,7 @@ def build_dataset(
     files: dict[str, bytes] = {f"images/{item.id}.png": rendered[item.id] for item in kept}
     files.update(_train_files(source, train, module.CONTAINED_TITLES_ARE_DUPLICATES))
     files.update(_eval_files(source, test, options.num_distractors))
-    files["items.jsonl"] = _jsonl(
+    files["items.jsonl"] = jsonl_bytes(
         {
             "id": item.id,
             "key": item.key,
@@ -188,7 +188,7 @@ def build_dataset(
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
     }
     files["manifest.json"] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    _write_atomically(out / source, files)
+    write_atomically(out / source, files)
     say(f"{source}: wrote {len(files)} files to {out / source}")
     return manifest
 
@@ -217,7 +217,7 @@ def _train_files(source: str, train: list[Item], skip_contained_titles: bool) ->
                 "neg_image_path": "",
             }
         )
-    return {f"train/{source}_t2i.jsonl": _jsonl(t2i), f"train/{source}_i2t.jsonl": _jsonl(i2t)}
+    return {f"train/{source}_t2i.jsonl": jsonl_bytes(t2i), f"train/{source}_i2t.jsonl": jsonl_bytes(i2t)}
 
 
 def _eval_files(source: str, test: list[Item], count: int) -> dict[str, bytes]:
@@ -241,12 +241,8 @@ def _eval_files(source: str, test: list[Item], count: int) -> dict[str, bytes]:
                     "tgt_img_path": [""] * len(order),
                 }
             records.append(record)
-        out[f"eval/{source}_{task}.jsonl"] = _jsonl(records)
+        out[f"eval/{source}_{task}.jsonl"] = jsonl_bytes(records)
     return out
-
-
-def _jsonl(records) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -254,28 +250,6 @@ def _relative(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
-
-
-def _write_atomically(target: Path, files: dict[str, bytes]) -> None:
-    """Write every file into a sibling temp folder, then swap it in; the old build survives any failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.building-{os.getpid()}"
-    retired = target.parent / f".{target.name}.old-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        for name, data in files.items():
-            path = staging / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        if target.exists():
-            target.rename(retired)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired.exists() and not target.exists():
-            retired.rename(target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def verify_dataset(folder: str | Path) -> dict:

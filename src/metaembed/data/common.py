@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import html
 import io
+import json
+import os
 import random
 import re
+import shutil
 import unicodedata
 import warnings
 from collections import defaultdict
@@ -260,3 +263,31 @@ def distractors(n_items: int, gold: int, count: int, seed: Sequence[str]) -> lis
     """``count`` distinct indices other than ``gold``, drawn by an RNG seeded from ``seed``."""
     pool = [i for i in range(n_items) if i != gold]
     return seeded_rng(*seed).sample(pool, count)
+
+
+# ------------------------------------------------------------------------------------------------ output
+def jsonl_bytes(records: Iterable[dict]) -> bytes:
+    """One JSON object per line, UTF-8, keys in insertion order (byte-stable output)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def write_atomically(target: Path, files: dict[str, bytes]) -> None:
+    """Write every file into a sibling temp folder, then swap it in; the old build survives any failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.building-{os.getpid()}"
+    retired = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for name, data in files.items():
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        if target.exists():
+            target.rename(retired)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if retired.exists() and not target.exists():
+            retired.rename(target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

@@ -2,9 +2,11 @@
 
 Data: the BEIR layout of the ``vidore/*`` hub datasets, split ``test``: ``corpus`` (``corpus-id``,
 ``image``), ``queries`` (``query-id``, ``query``, optional ``language``), ``qrels`` (``query-id``,
-``corpus-id``, ``score``). A local dataset folder holds each of the three as ``<name>.jsonl``,
-``<name>.parquet`` or ``<name>/*.parquet`` (the hub layout); a jsonl ``image`` is a path relative to the
-folder, a parquet ``image`` is the hub's ``{bytes, path}`` struct.
+``corpus-id``, ``score``). Beyond ViDoRe, a corpus row may carry a ``text`` (with or without an image) and a
+query row an ``image`` (with or without a ``query`` text), so text corpora and image queries — the
+multi-aspect builders' tasks — run through the same protocol. A local dataset folder holds each of the
+three as ``<name>.jsonl``, ``<name>.parquet`` or ``<name>/*.parquet`` (the hub layout); a jsonl ``image``
+is a path relative to the folder, a parquet ``image`` is the hub's ``{bytes, path}`` struct.
 
 Protocol: every page and query is encoded once with all vectors; each budget scores every query against
 the whole corpus; metrics follow trec_eval (see :mod:`metaembed.eval.metrics`: linear graded gain, ties
@@ -79,15 +81,15 @@ V2_TASKS: tuple[VidoreTask, ...] = (
 
 @dataclass
 class BeirDataset:
-    """A loaded task: corpus images (paths, encoded bytes or PIL), queries and graded qrels."""
+    """A loaded task: corpus and query items (text and/or image refs: paths, encoded bytes or PIL), graded qrels."""
 
     name: str
     source: str
     revision: str | None
     corpus_ids: list[str]
-    corpus_images: list[Any]
+    corpus_items: list[dict]  # {"text": str | None, "image": path, bytes, PIL image or None}
     query_ids: list[str]
-    query_texts: list[str]
+    query_items: list[dict]
     qrels: dict[str, dict[str, int]]
     skipped_queries: int = 0
 
@@ -120,28 +122,32 @@ def build_dataset(
     image_root: Path | None = None,
 ) -> BeirDataset:
     """Validate the three BEIR tables and apply the language filter."""
-    corpus_ids, images = [], []
+    corpus_ids, corpus_items = [], []
     for number, row in enumerate(corpus):
-        if "corpus-id" not in row or "image" not in row:
-            raise EvalDataError(f"{source} corpus row {number}: needs 'corpus-id' and 'image', has {sorted(row)}")
+        if "corpus-id" not in row or not ({"image", "text"} & set(row)):
+            raise EvalDataError(
+                f"{source} corpus row {number}: needs 'corpus-id' and an 'image' or a 'text', has {sorted(row)}"
+            )
         corpus_ids.append(str(row["corpus-id"]))
-        images.append(_image_ref(row["image"], image_root, f"{source} corpus row {number}"))
+        corpus_items.append(_item(row, "text", image_root, f"{source} corpus row {number}"))
     if not corpus_ids:
         raise EvalDataError(f"{source}: the corpus is empty")
     if len(set(corpus_ids)) != len(corpus_ids):
         raise EvalDataError(f"{source}: corpus ids repeat; each page needs a unique corpus-id")
     wanted = {normalise_language(lang) for lang in languages} if languages else None
-    query_ids, texts, seen = [], [], set()
+    query_ids, query_items, seen = [], [], set()
     for number, row in enumerate(queries):
-        if "query-id" not in row or "query" not in row:
-            raise EvalDataError(f"{source} queries row {number}: needs 'query-id' and 'query', has {sorted(row)}")
+        if "query-id" not in row or not ({"query", "image"} & set(row)):
+            raise EvalDataError(
+                f"{source} queries row {number}: needs 'query-id' and a 'query' or an 'image', has {sorted(row)}"
+            )
         if wanted is not None and normalise_language(row.get("language", "eng")) not in wanted:
             continue
         if str(row["query-id"]) in seen:
             raise EvalDataError(f"{source} queries row {number}: query-id {row['query-id']!r} repeats")
         seen.add(str(row["query-id"]))
         query_ids.append(str(row["query-id"]))
-        texts.append(str(row["query"]))
+        query_items.append(_item(row, "query", image_root, f"{source} queries row {number}"))
     judged: dict[str, dict[str, int]] = {}
     known = set(corpus_ids)
     keep = set(query_ids)
@@ -162,12 +168,22 @@ def build_dataset(
         source=source,
         revision=revision,
         corpus_ids=corpus_ids,
-        corpus_images=images,
+        corpus_items=corpus_items,
         query_ids=[query_ids[i] for i in have],
-        query_texts=[texts[i] for i in have],
+        query_items=[query_items[i] for i in have],
         qrels=judged,
         skipped_queries=len(query_ids) - len(have),
     )
+
+
+def _item(row: dict, text_key: str, root: Path | None, where: str) -> dict:
+    """A model item from a BEIR row: its text (``text_key``) and image, either of which may be absent."""
+    text = row.get(text_key)
+    image = row.get("image")
+    return {
+        "text": None if text is None else str(text),
+        "image": None if image is None else _image_ref(image, root, where),
+    }
 
 
 def _image_ref(value: Any, root: Path | None, where: str) -> Any:
@@ -287,6 +303,8 @@ def _unknown(name: str, by_name: dict, folders: dict | None = None):
 
 # ---------------------------------------------------------------------------------------- scoring
 def _open(ref: Any) -> Any:
+    if ref is None:
+        return None
     if isinstance(ref, bytes):
         from PIL import Image
 
@@ -296,12 +314,12 @@ def _open(ref: Any) -> Any:
     return ref
 
 
-def encode_corpus(encoder: Any, dataset: BeirDataset, batch_size: int, chunk: int = 256) -> torch.Tensor:
-    """Encode the pages once, ``chunk`` at a time, so encoded image bytes are decoded only when needed."""
+def encode_items(encode: Callable, items: Sequence[dict], batch_size: int, chunk: int = 256) -> torch.Tensor:
+    """Encode items once, ``chunk`` at a time, so encoded image bytes are decoded only when needed."""
     parts = []
-    for start in range(0, len(dataset.corpus_images), chunk):
-        items = [{"text": None, "image": _open(r)} for r in dataset.corpus_images[start : start + chunk]]
-        parts.append(encoder.encode_candidates(items, batch_size=batch_size))
+    for start in range(0, len(items), chunk):
+        batch = [{"text": i["text"], "image": _open(i["image"])} for i in items[start : start + chunk]]
+        parts.append(encode(batch, batch_size=batch_size))
     return torch.cat(parts)
 
 
@@ -317,9 +335,10 @@ def score_task(
     """Mean measures per budget (``{budget: {metric: value}}``) and the embedding dimension."""
     if progress:
         progress(f"{dataset.name}: encoding {len(dataset.corpus_ids)} pages and {len(dataset.query_ids)} queries once")
-    pages = check_encoded(encode_corpus(encoder, dataset, batch_size), len(dataset.corpus_ids), "candidate", budgets)
-    items = [{"text": text, "image": None} for text in dataset.query_texts]
-    queries = check_encoded(encoder.encode_queries(items, batch_size=batch_size), len(items), "query", budgets)
+    pages = encode_items(encoder.encode_candidates, dataset.corpus_items, batch_size)
+    pages = check_encoded(pages, len(dataset.corpus_ids), "candidate", budgets)
+    queries = encode_items(encoder.encode_queries, dataset.query_items, batch_size)
+    queries = check_encoded(queries, len(dataset.query_ids), "query", budgets)
     if queries.shape[2] != pages.shape[2]:
         raise EvalDataError(f"query vectors have D = {queries.shape[2]} but page vectors D = {pages.shape[2]}")
     if device is None:
