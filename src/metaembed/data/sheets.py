@@ -6,10 +6,12 @@ A page is a g×g grid of OpenClipArt / emoji images (the builds of ``metaembed d
 * ``sheets_t2i_<g>x<g>``: the tile's caption → the page that holds it;
 * ``sheets_i2i_<g>x<g>``: the tile's picture, re-drawn at another size and position → the page.
 
-Per grid size, each split's tiles are ordered by ``sha256('sheets:<g>:<key>')`` and cut into pages of g²
-tiles; the remainder (fewer than g² tiles) is left out and named in the manifest. The training hard
-negative of a tile is the page holding its nearest other tile by title/keyword overlap (the source
-builders' rule), or a seeded random page when that is its own page.
+Splits: a tile keeps its source dataset's split, except that training tiles with
+``sha256('sheets-dev:<source>:<key>') mod 100 < 10`` form a **dev** split (its pages are never trained on;
+``dev/<task>.jsonl`` is for choosing between models). Per grid size, each split's tiles are ordered by
+``sha256('sheets:<g>:<key>')`` and cut into pages of g² tiles; the remainder (fewer than g² tiles) is left out
+and named in the manifest. The training hard negative of a tile is the page holding its nearest other tile by
+title/keyword overlap (the source builders' rule), or a seeded random page when that is its own page.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from metaembed.data.errors import DatasetError, MissingRawDataError
 from metaembed.data.tasks import Entry, Task, task_files
 
 NAME = "sheets"
+SPLITS = ("train", "dev", "test")
+DEV_PERCENT = 10  # of the source datasets' training tiles
 TILE_SOURCES = ("openclipart", "emoji")
 FORMAT_VERSION = 1
 T2I_QUERY = "Find a page with a picture that matches the given text: {caption}"
@@ -87,7 +91,7 @@ def read_tiles(data: Path) -> tuple[list[Tile], dict[str, str]]:
                     uid=f"{source}__{row['id']}",
                     key=f"{source}:{row['key']}",
                     caption=row["caption"],
-                    split=row["split"],
+                    split=_split(row["split"], f"{source}:{row['key']}"),
                     image=image,
                     item=Item(key=row["key"], id=row["id"], title=row["title"], image=image,
                               keywords=tuple(row["keywords"])),
@@ -99,6 +103,12 @@ def read_tiles(data: Path) -> tuple[list[Tile], dict[str, str]]:
             tiles.append(tile)
     tiles.sort(key=lambda tile: tile.uid)
     return tiles, digests
+
+
+def _split(source_split: str, key: str) -> str:
+    if source_split == "train" and hash_int(f"{NAME}-dev:{key}") % 100 < DEV_PERCENT:
+        return "dev"
+    return source_split
 
 
 def layout_pages(tiles: Sequence[Tile], grid: int) -> tuple[list[list[Tile]], list[Tile]]:
@@ -160,9 +170,9 @@ def build_sheets(
     say = progress or (lambda message: None)
     data, out = Path(data), Path(out)
     tiles, digests = read_tiles(data)
-    by_split = {split: [t for t in tiles if t.split == split] for split in ("train", "test")}
+    by_split = {split: [t for t in tiles if t.split == split] for split in SPLITS}
     files: dict[str, bytes] = {}
-    say(f"{NAME}: {len(by_split['train'])} train / {len(by_split['test'])} test tiles; drawing i2i queries")
+    say(f"{NAME}: " + " / ".join(f"{len(by_split[s])} {s}" for s in SPLITS) + " tiles; drawing i2i queries")
     for tile in tiles:
         files[f"images/queries/{tile.uid}.png"] = render_query(tile, options.query_size)
     negatives = {split: _negative_tiles(split_tiles) for split, split_tiles in by_split.items()}
@@ -171,7 +181,12 @@ def build_sheets(
     distractor_counts: dict[str, int] = {}
     for grid in options.grids:
         say(f"{NAME}: composing {grid}x{grid} pages at {options.page_size} px")
-        tasks = {kind: Task(f"{NAME}_{kind}_{grid}x{grid}", [], [], [], [], []) for kind in ("t2i", "i2i")}
+        tasks = {
+            (split, kind): Task(f"{NAME}_{kind}_{grid}x{grid}", [], [], [], [], [])
+            for split in ("dev", "test")
+            for kind in ("t2i", "i2i")
+        }
+        tasks.update({("train", kind): tasks["test", kind] for kind in ("t2i", "i2i")})  # test files hold train
         for split, split_tiles in by_split.items():
             pages, rest = layout_pages(split_tiles, grid)
             leftovers[f"{grid}x{grid}/{split}"] = [t.uid for t in rest]
@@ -182,23 +197,27 @@ def build_sheets(
                 files[path] = render_page(page, grid, options.page_size)
                 entries.append(Entry(PAGE_CANDIDATE, path, tuple(tile.uid for tile in page)))
             counts[f"{grid}x{grid}/{split}"] = {"pages": len(pages), "tiles": len(page_of), "left_over": len(rest)}
-            for kind, task in tasks.items():
+            for kind in ("t2i", "i2i"):
+                task = tasks[split, kind]
                 for number, page in enumerate(pages):
                     for tile in page:
                         query = _query(kind, tile)
-                        if split == "test":
+                        if split != "train":
                             task.query_ids.append(tile.uid)
                             task.queries.append(query)
                             task.gold.append(number)
                         else:
                             negative = _negative_page(tile, negatives[split], page_of, len(pages), grid)
                             task.train.append((query, entries[number], entries[negative]))
-                if split == "test":
+                if split != "train":
                     task.corpus_ids.extend(page_id(grid, split, n) for n in range(len(pages)))
                     task.corpus.extend(entries)
-        for task in tasks.values():
-            task_output, distractor_counts[task.name] = task_files(task, options.num_distractors, NAME)
-            files.update(task_output)
+        for split in ("dev", "test"):
+            for kind in ("t2i", "i2i"):
+                task = tasks[split, kind]
+                task_output, count = task_files(task, options.num_distractors, NAME, split)
+                distractor_counts[f"{split}/{task.name}"] = count
+                files.update(task_output)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": NAME,
@@ -211,7 +230,9 @@ def build_sheets(
             "gutter": GUTTER,
             "query_scale": list(QUERY_SCALE),
         },
-        "split": "a tile keeps its source dataset's split; a page holds tiles of one split only",
+        "split": "a tile keeps its source dataset's split, except training tiles with "
+        f"sha256('{NAME}-dev:<source>:<key>') mod 100 < {DEV_PERCENT}, which form the dev split; "
+        "a page holds tiles of one split only",
         "layout": f"per grid g and split, tiles ordered by sha256('{NAME}:<g>:<source>:<key>'), cut into pages "
         "of g² tiles, row-major; the remainder is left out",
         "instructions": {"t2i_query": T2I_QUERY, "i2i_query": I2I_QUERY, "page_candidate": PAGE_CANDIDATE},

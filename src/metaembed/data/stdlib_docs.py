@@ -9,7 +9,9 @@ different queries.
 Source: the ``.py`` files of the interpreter's standard library (``sysconfig.get_paths()['stdlib']``),
 read with :mod:`ast` (nothing is imported or run). The output depends on the interpreter version, which the
 manifest records with the sha256 of every file read. Split: a whole module is in test when
-``sha256('stdlib:<module>') mod 100 < test_percent`` — test modules never appear in training.
+``sha256('stdlib:<module>') mod 100 < test_percent`` — test modules never appear in training — and, of the
+others, in **dev** when ``sha256('stdlib-dev:<module>') mod 100 < 10`` (``dev/stdlib_sections.jsonl``, for
+choosing between models; never trained on).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from metaembed.data.tasks import Entry, Task, task_files
 NAME = "stdlib"
 TASK = "stdlib_sections"
 FORMAT_VERSION = 1
+DEV_PERCENT = 10  # of the modules outside the test split
 MEMBERS_PER_SECTION = 6
 MIN_MEMBERS_PER_SECTION = 3  # a section of one or two members is hardly multi-aspect
 MIN_WORDS, MAX_WORDS = 5, 30  # a summary outside this range is dropped (too vague) or cut (too long)
@@ -151,34 +154,40 @@ def build_stdlib(
     say(f"{NAME}: {len(read)} modules read from {root}, {len(problems)} unreadable")
     # A summary shared by two members (inherited boilerplate, "Return self.") would make the gold ambiguous.
     repeats = Counter(m.summary.lower() for members in by_module.values() for m in members)
-    split_sections: dict[str, list[tuple[str, list[Member]]]] = {"train": [], "test": []}
+    split_sections: dict[str, list[tuple[str, list[Member]]]] = {"train": [], "dev": [], "test": []}
     for module, members in by_module.items():
         unique = [m for m in members if repeats[m.summary.lower()] == 1]
         dropped["repeated_summary"] += len(members) - len(unique)
         split = "test" if is_test(NAME, module, test_percent) else "train"
+        if split == "train" and is_test(f"{NAME}-dev", module, DEV_PERCENT):
+            split = "dev"
         for number, section in enumerate(sections(unique)):
             if len(section) < MIN_MEMBERS_PER_SECTION:
                 dropped["member_in_short_section"] += len(section)
                 continue
             split_sections[split].append((f"{module}#{number}", section))
-    task = Task(TASK, [], [], [], [], [])
+    tasks = {"dev": Task(TASK, [], [], [], [], []), "test": Task(TASK, [], [], [], [], [])}
+    tasks["train"] = tasks["test"]  # the test files hold the training triples
     for split, found in split_sections.items():
+        task = tasks[split]
         module_of = [section_id.split("#")[0] for section_id, _ in found]
         entries = [_section_entry(module, section) for module, (_, section) in zip(module_of, found, strict=True)]
         for index, (section_id, section) in enumerate(found):
             negative = _negative(index, module_of, section_id)
             for member in section:
                 query = Entry(member.query)
-                if split == "test":
+                if split != "train":
                     task.query_ids.append(f"{member.module}:{member.name}")
                     task.queries.append(query)
                     task.gold.append(index)
                 else:
                     task.train.append((query, entries[index], entries[negative]))
-        if split == "test":
+        if split != "train":
             task.corpus_ids.extend(section_id for section_id, _ in found)
             task.corpus.extend(entries)
-    files, distractor_count = task_files(task, num_distractors, NAME)
+    files, distractor_count = task_files(tasks["test"], num_distractors, NAME)
+    dev_files, dev_count = task_files(tasks["dev"], num_distractors, NAME, "dev")
+    files.update(dev_files)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": NAME,
@@ -191,26 +200,28 @@ def build_stdlib(
             "section": f"a module's members in source order, cut into even sections of at most "
             f"{MEMBERS_PER_SECTION}; sections under {MIN_MEMBERS_PER_SECTION} members are left out",
             "query": "the summary with whole-word mentions of the member's and the module's names replaced by 'this'",
-            "split": f"a module is in test when sha256('{NAME}:<module>') mod 100 < {test_percent}",
+            "split": f"a module is in test when sha256('{NAME}:<module>') mod 100 < {test_percent}, else in dev "
+            f"when sha256('{NAME}-dev:<module>') mod 100 < {DEV_PERCENT}, else in train",
             "hard_negative": "another section of the same module when there is one, else a seeded random section",
         },
         "instructions": {"query": QUERY, "section_prefix": SECTION_PREFIX},
-        "eval": {"distractors_per_query": distractor_count},
+        "eval": {"distractors_per_query": {"test": distractor_count, "dev": dev_count}},
         "counts": {
             "modules": len(read),
             "members": sum(len(m) for m in by_module.values()),
             "dropped": dict(sorted(dropped.items())),
             "unreadable_files": len(problems),
             "sections": {split: len(found) for split, found in split_sections.items()},
-            "test_queries": len(task.queries),
-            "train_pairs": len(task.train),
+            "test_queries": len(tasks["test"].queries),
+            "dev_queries": len(tasks["dev"].queries),
+            "train_pairs": len(tasks["train"].train),
         },
         "unreadable_files": problems,
         "files": {name: hashlib.sha256(blob).hexdigest() for name, blob in sorted(files.items())},
     }
     files["manifest.json"] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     write_atomically(Path(out) / NAME, files)
-    say(f"{NAME}: {manifest['counts']['sections']} sections, {len(task.queries)} test queries → {Path(out) / NAME}")
+    say(f"{NAME}: {manifest['counts']['sections']} sections, {len(tasks['test'].queries)} test queries")
     return manifest
 
 

@@ -9,7 +9,9 @@ positive, hard negative). :func:`task_files` writes it as
   (``metaembed eval vidore --data <dataset folder>/beir``); image paths relative to the task folder; a
   corpus row's ``parts`` lists what the candidate is composed of;
 * ``train/<task>.jsonl`` — MMEB-train: ``qry, qry_image_path, pos_text, pos_image_path, neg_text,
-  neg_image_path`` (``metaembed train``).
+  neg_image_path`` (``metaembed train``);
+* ``dev/<task>.jsonl`` — MMEB-eval over a dev split carved from the training sources (never trained on):
+  choose between trained models there, never on the test split.
 
 Image paths inside an item are relative to the dataset folder, as in the single-aspect builders.
 """
@@ -58,10 +60,12 @@ class Task:
             raise DatasetError(f"{self.name}: a gold index is outside the corpus")
 
 
-def task_files(task: Task, num_distractors: int, seed: str) -> tuple[dict[str, bytes], int]:
+def task_files(task: Task, num_distractors: int, seed: str, split: str = "test") -> tuple[dict[str, bytes], int]:
     """The task's files and the distractor count used (``num_distractors``, or fewer for a small corpus).
 
-    Each query's distractors come from ``random.Random(sha256('<seed>:<task>:<query id>'))``.
+    Each query's distractors come from ``random.Random(sha256('<seed>:<task>:<query id>'))``. ``split="dev"``
+    writes only ``dev/<task>.jsonl`` (MMEB-eval over the dev candidates, for choosing between trained models
+    without looking at the test split).
     """
     task.check()
     count = min(num_distractors, len(task.corpus) - 1)
@@ -78,6 +82,8 @@ def task_files(task: Task, num_distractors: int, seed: str) -> tuple[dict[str, b
                 "tgt_img_path": [task.corpus[i].image for i in order],
             }
         )
+    if split == "dev":
+        return {f"dev/{task.name}.jsonl": jsonl_bytes(records)}, count
     up = "../../"  # beir/<task>/ → the dataset folder
     files = {
         f"eval/{task.name}.jsonl": jsonl_bytes(records),

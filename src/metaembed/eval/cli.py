@@ -25,8 +25,8 @@ def register(subparsers) -> None:
 
     vidore = commands.add_parser("vidore", help="ViDoRe v2: full-corpus nDCG@5")
     _common(vidore)
-    vidore.add_argument("--data", required=True, help="a BEIR folder, a folder of BEIR folders, a hub id, or 'hub' "
-                        "(the seven v2 tasks from the hub)")  # fmt: skip
+    vidore.add_argument("--data", required=True, nargs="+", help="BEIR folder(s), folder(s) of BEIR folders "
+                        "(e.g. data/sheets/beir), a hub id, or 'hub' (the seven v2 tasks from the hub)")  # fmt: skip
     vidore.add_argument("--tasks", nargs="+", help="v2 task names or folder names (default: the v2 tasks found)")
     vidore.add_argument("--languages", nargs="+", help="keep only queries in these languages (single dataset)")
     vidore.set_defaults(func=run_vidore)
@@ -127,7 +127,7 @@ def run_vidore(args: argparse.Namespace) -> int:
 
     _check_batch(args)
     budgets = _budgets(args)
-    tasks = resolve_tasks(args.data, args.tasks, args.languages)
+    tasks = [task for source in args.data for task in resolve_tasks(source, args.tasks, args.languages)]
     model = _load_model(args)
     result = evaluate_vidore(model, tasks, budgets, batch_size=args.batch_size, model_name=args.model,
                              progress=_progress, resume_dir=_resume_dir(args, "vidore"))  # fmt: skip
