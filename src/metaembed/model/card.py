@@ -5,6 +5,10 @@ from __future__ import annotations
 from metaembed.budget import Budget
 from metaembed.model.config import MetaEmbedConfig
 
+FAMILY_NOTES = {  # what a checkpoint's users must know about its base model, e.g. its licence
+    "gemma-mini": "Built on Google's Gemma 3 270M. Gemma is provided under and subject to the Gemma Terms of Use "
+    "found at https://ai.google.dev/gemma/terms (see backbone/NOTICE).",
+}
 ANCHOR_NOTES = {
     "mean": ", each anchored on the content mean (`meta_anchor: mean`)",
     "slots": ", each anchored on its share of the content within its budget group (`meta_anchor: slots`)",
@@ -26,6 +30,7 @@ def render_model_card(config: MetaEmbedConfig, embedding_dim: int, quality: dict
         f"`{config.meta_layout}`. Pick a budget `(r_q, r_c)` at serve time: the first r_q query and first "
         "r_c candidate vectors take part in MaxSim.",
         "",
+        *([FAMILY_NOTES[config.backbone_family], ""] if config.backbone_family in FAMILY_NOTES else []),
         "```python",
         "from metaembed import MetaEmbedModel, maxsim",
         "",

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL backbones written to a local directory.
+"""Tiny random Qwen2-VL / Qwen2.5-VL backbones (and a Gemma 3 text decoder) written to a local directory.
 
 There is no model hub in tests or CI, so tests (and users checking an install) build a real
 transformers VLM from a config — the same classes and code paths as Qwen/Qwen2-VL-2B, only smaller and
@@ -14,6 +14,7 @@ import torch
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *VISION_TOKENS)
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # Gemma's ids 0-4, in its order
 
 # A little real text so the tokenizer learns ordinary merges (it is random otherwise).
 _CORPUS = [
@@ -28,24 +29,69 @@ _CORPUS = [
 
 def make_tokenizer(vocab_size: int = 1000):
     """A Qwen2 fast tokenizer (byte-level BPE) with the Qwen-VL special tokens, trained in well under a second."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
+
+    bpe = _train_bpe(SPECIAL_TOKENS, vocab_size)
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    return tokenizer
+
+
+def make_tiny_gemma3_text(directory: str | Path, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny random Gemma 3 text decoder (``Gemma3TextModel``) with a Gemma-style tokenizer.
+
+    The same classes as Gemma 3 270M — scaled embeddings, sliding and full attention layers — so the
+    gemma-mini backbone runs its real code paths on it (``make_gemma_mini_backbone(dir, decoder=...)``).
+    """
+    from transformers import Gemma3TextConfig, Gemma3TextModel, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    pad, eos, bos, unk, mask = GEMMA_SPECIAL_TOKENS
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(GEMMA_SPECIAL_TOKENS, 1000),
+        pad_token=pad,
+        eos_token=eos,
+        bos_token=bos,
+        unk_token=unk,
+        mask_token=mask,
+    )
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=hidden_size // 4,
+        layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"],
+        sliding_window=512,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    Gemma3TextModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _train_bpe(special_tokens: tuple[str, ...], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(_CORPUS, trainer)
-    tokenizer = Qwen2TokenizerFast(
-        tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
-    return tokenizer
+    return bpe
 
 
 def make_tiny_backbone(

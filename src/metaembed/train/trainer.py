@@ -85,7 +85,8 @@ def build_model(recipe: Recipe, workdir: Path):
 
 
 def resolve_backbone(spec: str, workdir: Path) -> str:
-    """A backbone directory for ``spec``: ``tiny:FAMILY`` and ``mini[:SIZE]`` are built under ``workdir``."""
+    """A backbone directory for ``spec``: ``tiny:FAMILY``, ``mini[:SIZE]`` and ``gemma-mini[:SIZE]`` are built
+    under ``workdir``."""
     if spec.startswith("tiny:"):
         from metaembed.model.tiny import make_tiny_backbone
 
@@ -98,6 +99,11 @@ def resolve_backbone(spec: str, workdir: Path) -> str:
 
         size = int(spec[5:]) if spec.startswith("mini:") else 128
         return str(make_mini_backbone(workdir / f"backbone-mini-{size}", image_size=size))
+    if spec == "gemma-mini" or spec.startswith("gemma-mini:"):
+        from metaembed.model.backbones.gemma_mini import make_gemma_mini_backbone
+
+        size = int(spec[11:]) if spec.startswith("gemma-mini:") else 128
+        return str(make_gemma_mini_backbone(workdir / f"backbone-gemma-mini-{size}", image_size=size))
     return spec
 
 
