@@ -205,6 +205,7 @@ def test_the_real_gemma_3_270m_encodes_and_trains(tmp_path):
             f"train.output_dir={tmp_path}",
             f"data.datasets={datasets}",
             "train.max_steps=1",
+            "train.warmup_steps=0",
             "train.batch_size=4",
             "train.mixed_precision=bf16",
             "lora.r=16",
