@@ -70,7 +70,10 @@ def task_files(task: Task, num_distractors: int, seed: str, split: str = "test")
     task.check()
     count = min(num_distractors, len(task.corpus) - 1)
     if count < 1:
-        raise DatasetError(f"{task.name}: {len(task.corpus)} test candidates are too few for a retrieval task")
+        raise DatasetError(
+            f"{task.name}: {len(task.corpus)} {split} candidates are too few for a retrieval task; "
+            "build from more source items"
+        )
     records = []
     for query_id, query, gold in zip(task.query_ids, task.queries, task.gold, strict=True):
         order = [gold, *distractors(len(task.corpus), gold, count, (seed, task.name, query_id))]
