@@ -1,13 +1,16 @@
-"""Seconds per training step and peak memory: tiny recipe and a 'small' (mini backbone, batch 32) config.
+"""Seconds per training step and peak memory: tiny recipe, 'small' (mini backbone) and gemma-mini configs.
 
 Each (config, mode) runs in its own process (a clean peak-RSS reading) through the real trainer step:
 data draw + collate + forward + MMR loss + backward + AdamW. Modes: fp32; bf16 autocast (AMX on recent
 Xeons); cached (bf16 + GradCache chunks of 8); gc (bf16 + gradient checkpointing). Prints a table and
 each mode's time ratio to fp32 of the same config. Timings on a shared machine are noisy: it reports the
-median and the min-max spread over the measured steps.
+median and the min-max spread over the measured steps. ``--encode N`` also times ``encode`` (batches of 32,
+eval mode, in the mode's precision) on N text queries and N distinct images as candidates (so the vision
+tower runs for each image), after the training steps. The gemma configs need the ``gemma`` extra.
 
-    PYTHONPATH=src python benchmarks/train_step.py                    # all configs and modes
+    PYTHONPATH=src python benchmarks/train_step.py                    # tiny and small, all modes
     PYTHONPATH=src python benchmarks/train_step.py --configs small --modes bf16 --steps 5 --threads 2
+    PYTHONPATH=src python benchmarks/train_step.py --configs gemma-own gemma-own-256 --modes bf16 --encode 64
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny-cpu.yaml"
 SHAPES = ROOT / "recipes" / "data" / "shapes"
+GEMMA = ["train.batch_size=32", "lora.r=16", "lora.alpha=32", "model.meta_layout=own", "model.max_text_tokens=64"]
 CONFIGS = {
     "tiny": ["train.batch_size=4"],
     "small": ["model.backbone=mini", "train.batch_size=32", "lora.r=16", "lora.alpha=16"],
     "small-own": ["model.backbone=mini", "train.batch_size=32", "lora.r=16", "lora.alpha=16", "model.meta_layout=own"],
+    # Gemma 3 270M decoder with recipes/gemma-mini.yaml's settings, 128 and 256 px images
+    "gemma-own": ["model.backbone=gemma-mini:128", *GEMMA],
+    "gemma-own-256": ["model.backbone=gemma-mini:256", *GEMMA],
 }
 MODES = {
     "fp32": ["train.mixed_precision=no"],
@@ -46,7 +53,27 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def run_one(config: str, mode: str, steps: int, threads: int) -> dict:
+def _encode_rates(model, count: int, bf16: bool) -> tuple[float, float]:
+    """Items per second for ``count`` text queries and ``count`` distinct noise images as candidates."""
+    import torch
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    texts = [f"Find me an everyday image of shape number {i} in a warm colour." for i in range(count)]
+    images = [
+        Image.fromarray(torch.randint(0, 256, (96, 96, 3), generator=generator, dtype=torch.uint8).numpy())
+        for _ in range(count)
+    ]
+    rates = []
+    for items, side in ((texts, "query"), (images, "candidate")):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            start = time.perf_counter()
+            model.encode(items, side, batch_size=32)
+            rates.append(count / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def run_one(config: str, mode: str, steps: int, threads: int, encode: int = 0) -> dict:
     import torch
 
     from metaembed.train.recipe import load_recipe
@@ -80,7 +107,8 @@ def run_one(config: str, mode: str, steps: int, threads: int) -> dict:
             start = time.perf_counter()
             trainer._train_step()
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rates = _encode_rates(trainer.model, encode, mode != "fp32") if encode else (float("nan"),) * 2
     return {
         "config": config,
         "mode": mode,
@@ -90,6 +118,8 @@ def run_one(config: str, mode: str, steps: int, threads: int) -> dict:
         "max": max(times),
         "peak_rss_mib": round(peak),
         "train_rss_mib": round(peak - before),
+        "encode_queries_per_s": rates[0],
+        "encode_candidates_per_s": rates[1],
     }
 
 
@@ -99,10 +129,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--encode", type=int, default=0, metavar="N", help="also time encode on N items per side")
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(*args.one, args.steps, args.threads)))
+        print(json.dumps(run_one(*args.one, args.steps, args.threads, args.encode)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
@@ -112,26 +143,27 @@ def main() -> None:
         f"{args.steps} measured steps after 1 warm-up"
     )
     print(
-        f"{'config':<10} {'mode':<7} {'batch':>5} {'s/step':>8} {'min-max':>13} {'vs fp32':>7} "
-        f"{'peak RSS MiB':>12} {'train MiB':>9}"
+        f"{'config':<13} {'mode':<7} {'batch':>5} {'s/step':>8} {'min-max':>13} {'vs fp32':>7} "
+        f"{'peak RSS MiB':>12} {'train MiB':>9}" + ("  encode q/s  c/s" if args.encode else "")
     )
     for config in args.configs:
         base = None
         for mode in args.modes:
             done = subprocess.run(
                 [sys.executable, __file__, "--one", config, mode, "--steps", str(args.steps),
-                 "--threads", str(args.threads)],
+                 "--threads", str(args.threads), "--encode", str(args.encode)],
                 env=env, capture_output=True, text=True, check=False,
             )  # fmt: skip
             if done.returncode:
-                print(f"{config:<10} {mode:<7} FAILED: {done.stderr.strip().splitlines()[-1:]}")
+                print(f"{config:<13} {mode:<7} FAILED: {done.stderr.strip().splitlines()[-1:]}")
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             base = row["s_per_step"] if mode == "fp32" else base
             ratio = f"{row['s_per_step'] / base:.2f}" if base else "–"
-            print(f"{config:<10} {mode:<7} {row['batch']:>5} {row['s_per_step']:>8.2f} "
+            print(f"{config:<13} {mode:<7} {row['batch']:>5} {row['s_per_step']:>8.2f} "
                   f"{row['min']:>6.2f}-{row['max']:<6.2f} {ratio:>7} {row['peak_rss_mib']:>12} "
-                  f"{row['train_rss_mib']:>9}", flush=True)  # fmt: skip
+                  f"{row['train_rss_mib']:>9}" + (f"  {row['encode_queries_per_s']:>10.1f} "
+                  f"{row['encode_candidates_per_s']:>4.1f}" if args.encode else ""), flush=True)  # fmt: skip
     print(f"# load average at end {os.getloadavg()[0]:.1f}")
 
 
