@@ -132,6 +132,31 @@ def test_fresh_slot_model_starts_at_mean_pooling_in_vector_zero(tiny_backbone, l
         assert not torch.allclose(got[:, -1], got[:, -2], atol=1e-4)  # the last group's slots differ
 
 
+def test_slots_over_states_and_inputs_start_at_the_mean_of_both(tiny_backbone):
+    """Vector 0 of a fresh ``slot_values="states+inputs"`` model = masked mean of (last state + first-layer
+    input) over the content, computed here by hand in float64 from the backbone's own hidden states."""
+    backbone = tiny_backbone("qwen2_vl")
+    torch.manual_seed(0)
+    model = MetaEmbedModel.from_backbone(backbone, meta_anchor="slots", slot_values="states+inputs").eval()
+    for side in ("query", "candidate"):
+        batch = model.processor(ITEMS, side)
+        count = model._slots(side).count
+        meta = model.meta_tokens.weight[model._slots(side).rows.start : model._slots(side).rows.stop]
+        with torch.no_grad():
+            last, first = model.backbone(batch, meta.expand(len(ITEMS), -1, -1), with_inputs=True)
+            got = model(batch, side)[:, 0].double()
+        content = (last + first)[:, :-count].double()
+        mask = batch["attention_mask"][:, :-count, None].double()
+        want = torch.nn.functional.normalize((content * mask).sum(1) / mask.sum(1), dim=-1)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        plain = MetaEmbedModel.from_backbone(backbone, meta_anchor="slots").eval()
+        assert not torch.allclose(plain(batch, side)[:, 0].double(), want, atol=1e-3)  # the inputs count
+    with pytest.raises(ValueError, match="slot_values"):
+        MetaEmbedConfig(backbone_family="qwen2_vl", slot_values="states+inputs")  # needs the slot read-out
+    with pytest.raises(ValueError, match="slot_values must be one of"):
+        MetaEmbedConfig(backbone_family="qwen2_vl", meta_anchor="slots", slot_values="inputs")
+
+
 def test_an_item_reads_out_the_same_alone_or_in_a_padded_batch(tiny_backbone):
     torch.manual_seed(0)
     model = MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl"), meta_anchor="slots")

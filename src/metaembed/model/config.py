@@ -47,6 +47,11 @@ class MetaEmbedConfig:
             [0,1) [1,4) [4,8) [8,16) [16,64), queries [0,1) [1,2) [2,4) [4,8) [8,16)): the slots of a
             group split each content token between them, so their vectors cannot all be the same mean
             (``metaembed.model.readout``). Vector 0, alone in its group, starts at the content mean.
+        slot_values: what the slot read-out (``meta_anchor: "slots"``) averages over the content tokens:
+            ``"states"``, their last hidden states; ``"states+inputs"``, those plus the states entering the
+            first layer. Attention mixes tokens on the way up, so the last states of a page's cells resemble
+            each other; the first layer's input still holds each cell's own picture, which is what lets the
+            slots of a larger budget keep different parts of a page apart.
     """
 
     backbone_family: str
@@ -63,6 +68,7 @@ class MetaEmbedConfig:
     lora: dict | None = None
     pooling: str = "meta"
     meta_anchor: str | None = None
+    slot_values: str = "states"
 
     def __post_init__(self) -> None:
         pooled_vectors(self.pooling, "query", self.num_query_tokens, self.num_candidate_tokens)  # validates
@@ -70,6 +76,10 @@ class MetaEmbedConfig:
             raise ValueError(f"meta_layout must be one of {META_LAYOUTS}, got {self.meta_layout!r}")
         if self.meta_anchor not in META_ANCHORS:
             raise ValueError(f"meta_anchor must be one of {META_ANCHORS}, got {self.meta_anchor!r}")
+        if self.slot_values not in SLOT_VALUES:
+            raise ValueError(f"slot_values must be one of {SLOT_VALUES}, got {self.slot_values!r}")
+        if self.slot_values != "states" and self.meta_anchor != "slots":
+            raise ValueError(f"slot_values={self.slot_values!r} applies to meta_anchor='slots' only")
         if self.meta_anchor is not None and self.pooling != "meta":
             raise ValueError(f"meta_anchor applies to Meta-Token pooling only, not pooling={self.pooling!r}")
         for name in ("num_query_tokens", "num_candidate_tokens", "max_text_tokens", "min_image_side"):
@@ -104,6 +114,7 @@ class MetaEmbedConfig:
 
 
 META_ANCHORS = (None, "mean", "slots")
+SLOT_VALUES = ("states", "states+inputs")
 POOLINGS = ("meta", "last", "mean", "split-X", "split-QxC")
 
 

@@ -187,11 +187,15 @@ class MetaEmbedModel(nn.Module):
         batch = {key: value.to(self.device) for key, value in batch.items()}
         meta = self.meta_tokens.weight[slots.rows.start : slots.rows.stop]
         meta = meta.unsqueeze(0).expand(batch["input_ids"].shape[0], -1, -1)
-        hidden = self.backbone(batch, meta)
+        with_inputs = self.config.slot_values == "states+inputs"
+        hidden = self.backbone(batch, meta, with_inputs=with_inputs)
+        hidden, inputs = hidden if with_inputs else (hidden, None)
         if self.config.pooling == "meta":
             states = hidden[:, -slots.count :][:, slots.readout]
             if self.meta_residual is not None:  # the content positions are all but the last slots.count
                 content, mask = hidden[:, : -slots.count], batch["attention_mask"][:, : -slots.count]
+                if inputs is not None:  # token-local features next to the mixed last states
+                    content = content + inputs[:, : -slots.count]
                 states = self._anchor(states, content, mask, side) + self.meta_residual(states)
         else:
             states = pool_hidden(hidden, batch["attention_mask"], self.config.pooling, self.num_vectors(side))

@@ -29,6 +29,7 @@ class ModelRecipe:
     dim: int | None = None
     meta_layout: str = "reference"
     max_text_tokens: int = 1024
+    slot_values: str = "states"  # "states+inputs": slots also pool the first layer's input (MetaEmbedConfig)
     meta_anchor: str | None = None  # "mean" | "slots": Meta-Token vectors anchored on the content (MetaEmbedConfig)
     meta_init: str = "normal"  # fresh Meta Tokens: "normal" (std 0.02) | "orthogonal" (rows of token-embedding length)
 

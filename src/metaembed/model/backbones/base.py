@@ -106,8 +106,19 @@ class Backbone(nn.Module):
             return embeds
         return torch.cat([embeds[:, :-n_meta], meta_embeds.to(embeds.dtype)], dim=1)
 
-    def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor, *, with_inputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, H)`` last hidden states; with ``with_inputs`` also the states entering the first layer
+        (the embedding layer's output), for read-outs that pool token-local features (``slot_values``)."""
         raise NotImplementedError
+
+
+def hidden_output(outputs, with_inputs: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """What :meth:`Backbone.forward` returns from a transformers output run with ``output_hidden_states``."""
+    if with_inputs:
+        return outputs.last_hidden_state, outputs.hidden_states[0]
+    return outputs.last_hidden_state
 
 
 def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

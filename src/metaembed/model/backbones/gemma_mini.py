@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from metaembed.errors import CheckpointError
-from metaembed.model.backbones.base import Backbone
+from metaembed.model.backbones.base import Backbone, hidden_output
 from metaembed.model.backbones.mini import MiniBackbone, MiniProcessor, MiniSettings
 
 SETTINGS_FILE = "gemma_mini.json"
@@ -108,7 +108,9 @@ class GemmaMiniBackbone(MiniBackbone):
         super().save_pretrained(directory)
         (directory / "NOTICE").write_text(NOTICE)  # the Gemma Terms of Use ask derivatives to carry it
 
-    def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor, *, with_inputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         embedding = self.model.get_input_embeddings()  # Gemma3TextScaledWordEmbedding: scales token rows itself
         embeds = self.embed_inputs(batch, meta_embeds * embedding.embed_scale.to(embedding.weight.dtype))
         attention_mask = batch["attention_mask"]
@@ -117,8 +119,9 @@ class GemmaMiniBackbone(MiniBackbone):
             attention_mask=attention_mask,  # Gemma's own causal (and sliding-window) masks, padding hidden
             position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),  # left padding does not shift positions
             use_cache=False,
+            output_hidden_states=with_inputs,
         )
-        return outputs.last_hidden_state
+        return hidden_output(outputs, with_inputs)
 
 
 def cache_root() -> Path:

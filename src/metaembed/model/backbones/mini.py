@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metaembed.errors import CheckpointError
-from metaembed.model.backbones.base import Backbone, Processor, base_state_dict
+from metaembed.model.backbones.base import Backbone, Processor, base_state_dict, hidden_output
 from metaembed.model.config import MetaEmbedConfig
 from metaembed.model.items import Item
 from metaembed.model.meta_tokens import Side
@@ -230,15 +230,18 @@ class MiniBackbone(Backbone):
             embeds = embeds.masked_scatter(batch["visual_mask"].bool()[..., None], visual.reshape(-1, embeds.shape[-1]))
         return embeds
 
-    def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor, *, with_inputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         embeds = self.embed_inputs(batch, meta_embeds)
         attention_mask = batch["attention_mask"]
         outputs = self.model(
             inputs_embeds=embeds,
             attention_mask=meta_attention_mask(attention_mask, meta_embeds.shape[-2]),
             position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+            output_hidden_states=with_inputs,
         )
-        return outputs.last_hidden_state
+        return hidden_output(outputs, with_inputs)
 
 
 def meta_attention_mask(attention_mask: torch.Tensor, n_meta: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from metaembed.model.backbones.base import Backbone, Processor
+from metaembed.model.backbones.base import Backbone, Processor, hidden_output
 from metaembed.model.config import MetaEmbedConfig
 from metaembed.model.items import Item
 from metaembed.model.meta_tokens import Side
@@ -87,7 +87,9 @@ class QwenVLBackbone(Backbone):
             AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path), config
         )
 
-    def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor, *, with_inputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         position_ids, _ = self.model.get_rope_index(
             input_ids,
@@ -104,5 +106,6 @@ class QwenVLBackbone(Backbone):
             image_grid_thw=batch.get("image_grid_thw"),
             mm_token_type_ids=batch["mm_token_type_ids"],
             use_cache=False,
+            output_hidden_states=with_inputs,
         )
-        return outputs.last_hidden_state
+        return hidden_output(outputs, with_inputs)

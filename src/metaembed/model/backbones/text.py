@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from metaembed.model.backbones.base import Backbone, Processor, require_text_only
+from metaembed.model.backbones.base import Backbone, Processor, hidden_output, require_text_only
 from metaembed.model.config import MetaEmbedConfig
 from metaembed.model.items import Item
 from metaembed.model.meta_tokens import Side
@@ -46,7 +46,9 @@ class TextBackbone(Backbone):
 
         return TextProcessor(AutoTokenizer.from_pretrained(path), config)
 
-    def forward(self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, batch: dict[str, torch.Tensor], meta_embeds: torch.Tensor, *, with_inputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         attention_mask = batch["attention_mask"]
         kwargs = {}
         if self._takes_position_ids:
@@ -55,5 +57,6 @@ class TextBackbone(Backbone):
             inputs_embeds=self.embed_with_meta(batch["input_ids"], meta_embeds),
             attention_mask=attention_mask,
             **kwargs,
+            output_hidden_states=with_inputs,
         )
-        return outputs.last_hidden_state
+        return hidden_output(outputs, with_inputs)
