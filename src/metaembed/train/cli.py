@@ -28,6 +28,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from metaembed.train.memory import limit_heap_fragmentation
     from metaembed.train.recipe import load_recipe
     from metaembed.train.trainer import MetaEmbedTrainer
 
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     for noisy in ("transformers", "accelerate", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = load_recipe(args.recipe, overrides)
+    limit_heap_fragmentation()  # resident memory otherwise grows for the whole run (train/memory.py)
     trainer = MetaEmbedTrainer(recipe)
     try:
         final = trainer.train(resume=args.resume)
