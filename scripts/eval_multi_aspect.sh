@@ -4,7 +4,8 @@
 # tasks, and measures its vector spread. Writes docs/results/multi-<label>/, which
 # `python benchmarks/multi_aspect_results.py` turns into the tables of docs/results.md.
 #   bash scripts/eval_multi_aspect.sh MODEL LABEL          (after `make data`; THREADS=n, default 1;
-#                                                         SINGLE_ASPECT=0 skips OpenClipArt / emoji)
+#                                                         SINGLE_ASPECT=0 skips OpenClipArt / emoji,
+#                                                         DEV=0 the dev split)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 MODEL LABEL" >&2; exit 2; }
@@ -17,8 +18,10 @@ run .venv/bin/metaembed eval mmeb --model "$model" --label "$label" --batch-size
     --data data/sheets data/stdlib "${single_aspect[@]}"
 run .venv/bin/metaembed eval vidore --model "$model" --label "$label" --batch-size 32 --out "$out" \
     --data data/sheets/beir data/stdlib/beir
-run .venv/bin/metaembed eval mmeb --model "$model" --label "$label" --batch-size 32 --out "$out/dev" \
-    --data data/sheets/dev data/stdlib/dev --image-root data/sheets
+if [ "${DEV:-1}" = 1 ]; then
+    run .venv/bin/metaembed eval mmeb --model "$model" --label "$label" --batch-size 32 --out "$out/dev" \
+        --data data/sheets/dev data/stdlib/dev --image-root data/sheets
+fi
 if [ "$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]+'/config.json'))['pooling'])" "$model")" = meta ]; then
     run .venv/bin/python benchmarks/meta_vector_spread.py --model "$model" --data data/sheets/eval/sheets_t2i_2x2.jsonl \
         --json "$out/spread.json"
