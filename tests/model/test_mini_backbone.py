@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,43 @@ def test_the_shipped_checkpoint_loads_and_ranks_its_own_caption_first():
     q, c = model.encode_queries(captions), model.encode_candidates(captions)
     assert q.shape == (3, 16, 384) and c.shape == (3, 64, 384)
     assert (maxsim(q, c, "16x64").argmax(1) == torch.arange(3)).all()  # text→same text is the easy case
+
+
+def _picture(seed: int):
+    """A 128 px drawing of four coloured shapes on white, different for every seed."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (128, 128), "white")
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = rng.randrange(90), rng.randrange(90)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape(
+            (x, y, x + rng.randrange(20, 38), y + rng.randrange(20, 38)), fill=tuple(rng.randrange(256) for _ in "rgb")
+        )
+    return image
+
+
+def test_the_shipped_multi_aspect_model_finds_a_drawing_on_its_page():
+    """models/metaembed-mini-multi (slot read-out over states + inputs, 256 px pages) loads with the pip towers;
+    on eight 2×2 pages of unseen drawings each drawing, as a query, finds its page well above chance at
+    16x64. (How much the budget adds is measured on real pages: docs/results.md.)"""
+    from PIL import Image
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "metaembed-mini-multi"
+    model = MetaEmbedModel.from_pretrained(shipped)
+    assert (model.config.meta_anchor, model.config.slot_values) == ("slots", "states+inputs")
+    pages = []
+    for number in range(8):
+        page = Image.new("RGB", (256, 256), "white")
+        for k in range(4):
+            page.paste(_picture(4 * number + k).resize((124, 124)), ((k % 2) * 128 + 2, (k // 2) * 128 + 2))
+        pages.append({"text": "<|image_1|>\nRepresent the given page.", "image": page})
+    queries = [{"text": "<|image_1|>\nFind the page that contains the given picture.", "image": _picture(s)}
+               for s in range(32)]  # fmt: skip
+    q, c = model.encode_queries(queries), model.encode_candidates(pages)
+    assert q.shape == (32, 16, 384) and c.shape == (8, 64, 384)
+    gold = torch.arange(32) // 4
+    found = {b: int((maxsim(q, c, b).argmax(1) == gold).sum()) for b in ("1x1", "16x64")}
+    assert found["16x64"] >= 8 and found["1x1"] >= 8, found  # chance: 4 of 32
