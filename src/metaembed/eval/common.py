@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from metaembed.budget import Budget
+from metaembed.cache import cache_dir
 from metaembed.errors import BudgetError, InputError, MetaEmbedError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -123,10 +124,6 @@ def hub_revision(repo_id: str) -> str | None:
         raise EvalDataError(
             f"{repo_id!r} is not a local folder, and the hub could not serve it as a dataset: {error}"
         ) from error
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("METAEMBED_CACHE", Path.home() / ".cache" / "metaembed"))
 
 
 def extract_zip(archive: Path) -> Path:

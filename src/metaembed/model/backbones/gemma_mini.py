@@ -22,7 +22,6 @@ scaled space directly, as Gemma 3's own multimodal projector does.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from metaembed.cache import cache_dir
 from metaembed.errors import CheckpointError
 from metaembed.model.backbones.base import Backbone, hidden_output
 from metaembed.model.backbones.mini import MiniBackbone, MiniProcessor, MiniSettings
@@ -124,17 +124,13 @@ class GemmaMiniBackbone(MiniBackbone):
         return hidden_output(outputs, with_inputs)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("METAEMBED_CACHE") or Path.home() / ".cache" / "metaembed")
-
-
 def packaged_decoder() -> Path:
     """The packaged Gemma 3 270M as a safetensors directory, converted on first use and cached.
 
     A complete cache is used as it is, even without the package installed; it is converted again when the
     installed package holds a different GGUF than the one it was made from.
     """
-    target = cache_root() / CACHE_NAME
+    target = cache_dir() / CACHE_NAME
     package = _package()
     source = _cached_source(target)
     if source is not None and (package is None or source.get("sha256") == package.EXPECTED_SHA256):
