@@ -95,16 +95,14 @@ def resolve_backbone(spec: str, workdir: Path) -> str:
         if not (target / "config.json").is_file():
             make_tiny_backbone(target, spec[5:])
         return str(target)
-    if spec == "mini" or spec.startswith("mini:"):
+    family, _, size = spec.partition(":")
+    if family in ("mini", "gemma-mini"):  # the pip-tower backbones: a settings file, the image size in the name
+        from metaembed.model.backbones.gemma_mini import make_gemma_mini_backbone
         from metaembed.model.backbones.mini import make_mini_backbone
 
-        size = int(spec[5:]) if spec.startswith("mini:") else 128
-        return str(make_mini_backbone(workdir / f"backbone-mini-{size}", image_size=size))
-    if spec == "gemma-mini" or spec.startswith("gemma-mini:"):
-        from metaembed.model.backbones.gemma_mini import make_gemma_mini_backbone
-
-        size = int(spec[11:]) if spec.startswith("gemma-mini:") else 128
-        return str(make_gemma_mini_backbone(workdir / f"backbone-gemma-mini-{size}", image_size=size))
+        make = make_mini_backbone if family == "mini" else make_gemma_mini_backbone
+        size = int(size) if size else 128
+        return str(make(workdir / f"backbone-{family}-{size}", image_size=size))
     return spec
 
 
