@@ -25,7 +25,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,19 +75,18 @@ def load_task(data: Path, dataset: str, task: str):
 
 # ----------------------------------------------------------------------------------------- sheets (images)
 def mobilenet_cells(paths: list[Path], size: int, batch: int = 64) -> torch.Tensor:
+    """``(n, cells, 1280)`` frozen MobileNetV2 grid features, preprocessed exactly as the mini backbone does."""
     from PIL import Image
 
-    from metaembed.model.backbones.mini import IMAGENET_MEAN, IMAGENET_STD, _mobilenet_v2_features
+    from metaembed.model.backbones.mini import _mobilenet_v2_features, imagenet_pixels
 
     tower = _mobilenet_v2_features().eval()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     out = []
     for start in range(0, len(paths), batch):
         pixels = []
         for path in paths[start : start + batch]:
             with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-            pixels.append((torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255 - mean) / std)
+                pixels.append(imagenet_pixels(image, size))
         with torch.inference_mode():
             grid = tower(torch.stack(pixels))
         out.append(grid.flatten(2).transpose(1, 2))  # (n, cells, 1280)

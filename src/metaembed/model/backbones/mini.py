@@ -38,6 +38,8 @@ PROJECTOR_FILE = "projector.safetensors"
 LANGUAGE_MODEL_DIR = "language_model"  # written only when the language model's base weights were changed
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMAGENET_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_IMAGENET_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 VISION_CHANNELS = 1280
 _MAX_CACHED_IMAGES = 100_000  # 16 tokens × 1280 × fp16 = 40 KB each → at most ~4 GB
 
@@ -84,8 +86,6 @@ class MiniProcessor(Processor):
     def __init__(self, tokenizer, config: MetaEmbedConfig, settings: MiniSettings) -> None:
         super().__init__(tokenizer, config)
         self.settings = settings
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def save_pretrained(self, directory: Path) -> None:
         """Nothing to write: the tokenizer ships with the language-model package."""
@@ -121,13 +121,7 @@ class MiniProcessor(Processor):
         return [tok.cls_token_id] + [tok.mask_token_id] * n_visual + ids + [tok.sep_token_id]
 
     def pixels(self, image) -> torch.Tensor:
-        """Resize the whole image (no crop: clip art and pages must stay whole) and normalise like ImageNet."""
-        from PIL import Image
-
-        size = self.settings.image_size
-        resized = image.resize((size, size), Image.Resampling.BICUBIC)
-        array = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(size, size, 3)
-        return (array.permute(2, 0, 1).float() / 255 - self.mean) / self.std
+        return imagenet_pixels(image, self.settings.image_size)
 
 
 class MiniBackbone(Backbone):
@@ -242,6 +236,16 @@ class MiniBackbone(Backbone):
             output_hidden_states=with_inputs,
         )
         return hidden_output(outputs, with_inputs)
+
+
+def imagenet_pixels(image, size: int) -> torch.Tensor:
+    """``(3, size, size)``: the whole image resized (no crop: clip art and pages must stay whole), RGB,
+    normalised like ImageNet — what the frozen MobileNetV2 tower reads."""
+    from PIL import Image
+
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    array = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return (array.permute(2, 0, 1).float() / 255 - _IMAGENET_MEAN) / _IMAGENET_STD
 
 
 def meta_attention_mask(attention_mask: torch.Tensor, n_meta: int) -> torch.Tensor:
