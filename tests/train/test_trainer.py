@@ -180,3 +180,19 @@ def test_regulariser_keys_reach_the_model_loss_and_head_learning_rate(tiny_backb
     assert [row["soft_max_temperature"] for row in trainer.history] == pytest.approx([0.1, 0.05, 0.0])
     assert all(0 < row["diversity"] <= 1 for row in trainer.history)
     assert MetaEmbedModel.from_pretrained(final).config.meta_anchor == "slots"
+
+
+def test_warm_start_copies_the_trained_backbone_and_keeps_fresh_meta_tokens(tiny_backbone, tmp_path):
+    source = MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path / "source", "train.max_steps=2", "train.warmup_steps=0"))
+    source_dir = source.train()
+    trained = {n: p.detach().clone() for n, p in source.model.backbone.named_parameters() if p.requires_grad}
+    keys = [f"model.warm_start={source_dir}", "model.meta_anchor=slots", "train.max_steps=1", "train.seed=7"]
+    warm = MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path / "warm", *keys))
+    copied = {n: p for n, p in warm.model.backbone.named_parameters() if p.requires_grad}
+    assert copied.keys() == trained.keys()
+    for name, parameter in copied.items():
+        torch.testing.assert_close(parameter, trained[name], atol=0, rtol=0, msg=name)
+    assert warm.model.config.meta_anchor == "slots"
+    assert not torch.equal(warm.model.meta_tokens.weight, source.model.meta_tokens.weight)
+    with pytest.raises(MetaEmbedError, match="no match of the same shape"):
+        MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path / "bad", f"model.warm_start={source_dir}", "lora.r=4"))

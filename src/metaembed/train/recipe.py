@@ -22,6 +22,7 @@ from metaembed.train.loss import TrainConfigError, variant_pooling
 class ModelRecipe:
     backbone: str = ""
     init_from: str | None = None  # a metaembed checkpoint to continue from (instead of a fresh model)
+    warm_start: str | None = None  # a metaembed model whose LoRA / projector seed a fresh model (Meta Tokens stay new)
     family: str | None = None
     torch_dtype: str | None = None  # weight dtype; keep fp32 weights on CPU and use mixed_precision
     num_query_tokens: int = 16

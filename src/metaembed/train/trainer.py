@@ -80,9 +80,36 @@ def build_model(recipe: Recipe, workdir: Path):
         if frozen is not None:  # the mini backbone's cached vision tower stays frozen
             frozen.requires_grad_(False)
     model.meta_tokens.weight.requires_grad = pooling == "meta"  # baselines carry no Meta Tokens
+    if m.warm_start:
+        warm_start(model, m.warm_start)
     if recipe.train.gradient_checkpointing:
         model.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def warm_start(model, source_dir: str) -> int:
+    """Copies the trained backbone weights (LoRA adapter, the mini projector) of the model in ``source_dir``
+    into ``model``'s trainable backbone parameters of the same name; Meta Tokens and read-out stay fresh.
+
+    Why: a new read-out (other anchor, more text tokens, larger pages) need not relearn the text↔image
+    alignment an earlier run already paid for. Every trainable backbone tensor must be found with the
+    same shape, so a different LoRA rank or backbone is an error, not a silent partial copy.
+    """
+    from metaembed import MetaEmbedModel
+
+    source = MetaEmbedModel.from_pretrained(source_dir).backbone.state_dict()
+    targets = {name: p for name, p in model.backbone.named_parameters() if p.requires_grad}
+    missing = [name for name, p in targets.items() if name not in source or source[name].shape != p.shape]
+    if missing:
+        raise TrainConfigError(
+            f"model.warm_start {source_dir}: {len(missing)} of {len(targets)} trainable backbone tensors have "
+            f"no match of the same shape there (e.g. {missing[0]}); same backbone and LoRA settings needed"
+        )
+    with torch.no_grad():
+        for name, parameter in targets.items():
+            parameter.copy_(source[name].to(parameter.dtype))
+    log.info("warm start: %d backbone tensors from %s", len(targets), source_dir)
+    return len(targets)
 
 
 def resolve_backbone(spec: str, workdir: Path) -> str:
