@@ -22,10 +22,15 @@ def test_parse_round_trips_str(r_q, r_c):
     assert Budget.parse(str(budget)) == budget
 
 
-@pytest.mark.parametrize("spec", ["", "16", "16x", "x64", "16x64x2", "a,b", "-1x4", "0x4", "4x0", (1, 2, 3), 3.5])
+@pytest.mark.parametrize("spec", ["", "16x", "x64", "16x64x2", "a,b", "-1x4", "0x4", "4x0", (1, 2, 3), 3.5, True, "0", 0])
 def test_parse_rejects_garbage_with_a_clear_message(spec):
     with pytest.raises(BudgetError, match=r"budget|r_q|r_c"):
         Budget.parse(spec)
+
+
+@pytest.mark.parametrize(("spec", "expected"), [(8, Budget(8, 8)), ("8", Budget(8, 8)), (" 1 ", Budget(1, 1))])
+def test_one_number_is_that_many_vectors_on_each_side(spec, expected):
+    assert Budget.parse(spec) == expected
 
 
 def test_constructor_rejects_non_ints():

@@ -14,6 +14,7 @@ from typing import ClassVar
 from metaembed.errors import BudgetError
 
 _BUDGET_PATTERN = re.compile(r"^\s*\(?\s*(\d+)\s*[x×,]\s*(\d+)\s*\)?\s*$", re.IGNORECASE)
+_SQUARE_PATTERN = re.compile(r"^\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True, order=True)
@@ -41,10 +42,18 @@ class Budget:
                 raise BudgetError(f"{name} must be at least 1, got {value}")
 
     @classmethod
-    def parse(cls, spec: str | tuple[int, int] | Budget) -> Budget:
-        """Read ``"16x64"``, ``"16,64"``, ``"(16, 64)"``, a tuple ``(16, 64)`` or a Budget."""
+    def parse(cls, spec: str | int | tuple[int, int] | Budget) -> Budget:
+        """Read ``"16x64"``, ``"16,64"``, ``"(16, 64)"``, a tuple ``(16, 64)`` or a Budget.
+
+        One number — the int ``8`` or the string ``"8"`` — is ``8x8``: that many vectors on each side (so
+        ``/v1/embeddings`` with ``budget: 8`` returns 8 vectors of either side, and a search uses 8 of each).
+        """
         if isinstance(spec, Budget):
             return spec
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return cls(spec, spec)
+        if isinstance(spec, str) and (square := _SQUARE_PATTERN.match(spec)):
+            return cls(int(square.group(1)), int(square.group(1)))
         if isinstance(spec, tuple | list):
             if len(spec) != 2:
                 raise BudgetError(f"a budget tuple has two entries (r_q, r_c), got {spec!r}")
@@ -53,7 +62,9 @@ class Budget:
             raise BudgetError(f"cannot read a budget from {type(spec).__name__} {spec!r}")
         match = _BUDGET_PATTERN.match(spec)
         if match is None:
-            raise BudgetError(f"cannot read budget {spec!r}: write it as 'R_QxR_C' or 'R_Q,R_C', e.g. '16x64'")
+            raise BudgetError(
+                f"cannot read budget {spec!r}: write it as 'R_QxR_C' or 'R_Q,R_C', e.g. '16x64', or N for NxN"
+            )
         return cls(int(match.group(1)), int(match.group(2)))
 
     @classmethod
