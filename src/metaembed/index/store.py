@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from metaembed.auto_budget import is_auto
 from metaembed.budget import Budget
 from metaembed.errors import InputError
 from metaembed.index.base import (
@@ -634,6 +635,10 @@ class EmbeddedIndex:
         candidates: int | None = None,
     ) -> SearchResults:
         self._auto_refresh()
+        if is_auto(budget):  # "auto" or an AutoBudget: a cheap budget, escalated per query when unsure
+            from metaembed.index.adaptive import auto_search
+
+            return auto_search(self, queries, budget, k, two_stage=two_stage, candidates=candidates)
         budget = check_search(
             queries, budget, k, dim=self.dim, num_vectors=self.num_vectors, two_stage=two_stage, candidates=candidates
         )
@@ -642,12 +647,18 @@ class EmbeddedIndex:
             from metaembed.index.two_stage import two_stage_search
 
             return two_stage_search(self, queries, budget, k, candidates)
+        segments = self._segments  # one snapshot for the whole search, even if a write lands meanwhile
+        return self._results(*self.scan(queries, budget, k, segments), k, segments)
+
+    def scan(
+        self, queries: torch.Tensor, budget: Budget, k: int, segments: list[Segment]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Exhaustive exact top ``k`` over a snapshot: ``(scores, global slots, segment offsets)``, unsorted."""
         nq = queries.shape[0]
         best_scores = torch.full((nq, 0), float("-inf"))
         best_slots = torch.empty((nq, 0), dtype=torch.long)
         offset = 0
         offsets = []
-        segments = self._segments  # one snapshot for the whole search, even if a write lands meanwhile
         for segment in segments:
             offsets.append(offset)
             for lo in range(0, segment.count, _SEARCH_BLOCK_ROWS):
@@ -665,7 +676,7 @@ class EmbeddedIndex:
                     best_scores, keep = best_scores.topk(k, dim=1)
                     best_slots = best_slots.gather(1, keep)
             offset += segment.count
-        return self._results(best_scores, best_slots, offsets, k, segments)
+        return best_scores, best_slots, offsets
 
     def _results(
         self, scores: torch.Tensor, slots: torch.Tensor, offsets: list[int], k: int, segments: list[Segment]

@@ -146,6 +146,22 @@ class CoarseIndex:
 def two_stage_search(
     store: EmbeddedIndex, queries: torch.Tensor, budget: Budget, k: int, candidates: int | None
 ) -> SearchResults:
+    ranked = shortlist_ranked(store, queries, budget, k, candidates)
+    if ranked is None:
+        nq = queries.shape[0]
+        return SearchResults(ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)])
+    scores, slots, offsets, segments, _ = ranked
+    return store._results(scores, slots, offsets[:-1], k, segments)
+
+
+def shortlist_ranked(
+    store: EmbeddedIndex, queries: torch.Tensor, budget: Budget, k: int, candidates: int | None
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[Segment], list[int]] | None:
+    """The two-stage top ``k`` per query: ``(scores, global slots, segment offsets, segments, shortlist sizes)``.
+
+    Scores and slots are ``(nq, k')``, unsorted; offsets has one entry per segment plus the total; the sizes
+    are each query's number of coarse candidates scored exactly. None when the index holds no live item.
+    """
     if candidates is None:
         candidates = default_candidates(k)
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -162,9 +178,7 @@ def two_stage_search(
         live = torch.cat([s.live for s in segments]).numpy() if segments else np.zeros(0, dtype=bool)
         live_count = int(live.sum())
         if live_count == 0:
-            return SearchResults(
-                ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)]
-            )
+            return None
         coarse = store._coarse
         if coarse is None:
             coarse = CoarseIndex.load(store.path, segments) or CoarseIndex(store.dim)
@@ -174,24 +188,41 @@ def two_stage_search(
         dead = total - live_count
         rows = coarse.search(queries[:, 0], min(total, candidates + dead))
 
-    starts = np.asarray(offsets[:-1])
-    per_query_scores, per_query_slots = [], []
+    per_query_scores, per_query_slots, sizes = [], [], []
     for i in range(nq):
         hits = rows[i][rows[i] >= 0]
         hits = hits[live[hits]][:candidates]
-        hits.sort()
-        seg_of = np.searchsorted(starts, hits, side="right") - 1
-        scores, slots = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]
-        for s_idx in np.unique(seg_of):
-            global_rows = hits[seg_of == s_idx]
-            local = torch.from_numpy(global_rows - offsets[s_idx])
-            scores.append(store.score_rows(queries[i : i + 1], budget, segments[int(s_idx)], local)[0])
-            slots.append(torch.from_numpy(global_rows))
-        q_scores, q_slots = torch.cat(scores), torch.cat(slots)
+        q_scores, q_slots = score_slots(store, queries[i : i + 1], budget, segments, offsets, hits)
         top, idx = q_scores.topk(min(k, q_scores.numel()))
         per_query_scores.append(top)
         per_query_slots.append(q_slots[idx])
+        sizes.append(len(hits))
     width = min(t.numel() for t in per_query_scores)
     scores = torch.stack([t[:width] for t in per_query_scores])
     slots = torch.stack([t[:width] for t in per_query_slots])
-    return store._results(scores, slots, offsets[:-1], k, segments)
+    return scores, slots, offsets, segments, sizes
+
+
+def score_slots(
+    store: EmbeddedIndex,
+    query: torch.Tensor,
+    budget: Budget,
+    segments: list[Segment],
+    offsets: list[int],
+    slots: np.ndarray | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact MaxSim of one query ``(1, R_q, D)`` against the rows at global ``slots`` of a snapshot.
+
+    Returns ``(scores, slots)`` with the slots sorted (rows are read in storage order, one kernel call per
+    segment), the scores aligned with them.
+    """
+    hits = np.sort(np.asarray(slots, dtype=np.int64))
+    starts = np.asarray(offsets[:-1])
+    seg_of = np.searchsorted(starts, hits, side="right") - 1
+    scores, out_slots = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]
+    for s_idx in np.unique(seg_of):
+        global_rows = hits[seg_of == s_idx]
+        local = torch.from_numpy(global_rows - offsets[s_idx])
+        scores.append(store.score_rows(query, budget, segments[int(s_idx)], local)[0])
+        out_slots.append(torch.from_numpy(global_rows))
+    return torch.cat(scores), torch.cat(out_slots)

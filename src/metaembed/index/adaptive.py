@@ -1,0 +1,145 @@
+"""``budget="auto"`` on the embedded index: the cheap stage over the index, escalations over a shortlist.
+
+The cheap stage is the index's own search at ``policy.cheap`` — exhaustive (every row read at the cheap
+budget's groups) or two-stage (the HNSW shortlist reranked at the cheap budget) — keeping the top
+``max(top_m, k)`` rows per query. :func:`metaembed.auto_budget.escalate` then decides per query whether to
+rescore those rows at the next budget, reading only their rows of the groups that budget needs. Results say,
+per query, the budget it ended at, how many times it escalated and the candidate-vector bytes it read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from metaembed.auto_budget import AutoBudget, Outcome, escalate
+from metaembed.budget import Budget
+from metaembed.index.base import SearchResults, budget_bytes, check_search
+
+if TYPE_CHECKING:
+    from metaembed.index.store import EmbeddedIndex
+
+
+@dataclass
+class AutoSearchResults(SearchResults):
+    """:class:`SearchResults` plus, per query, the final budget, escalations and candidate-vector bytes read."""
+
+    budgets: list[str] = field(default_factory=list)
+    escalations: list[int] = field(default_factory=list)
+    bytes_read: list[int] = field(default_factory=list)
+    policy: AutoBudget | None = None
+
+    @property
+    def escalated_fraction(self) -> float:
+        return sum(e > 0 for e in self.escalations) / len(self.escalations) if self.escalations else 0.0
+
+
+def resolve_policy(store: EmbeddedIndex, budget: AutoBudget | str) -> AutoBudget:
+    """An AutoBudget as given, or for ``"auto"`` the policy stored beside the index."""
+    return budget if isinstance(budget, AutoBudget) else AutoBudget.find(store.path)
+
+
+def item_bytes(store: EmbeddedIndex, budgets: list[Budget]) -> dict[Budget, int]:
+    """Candidate-vector bytes one item costs at each of ``budgets`` (int8: with its scales)."""
+    sizes = budget_bytes(1, store.dim, store.dtype, budgets, store.num_vectors)
+    return {Budget.parse(name): size for name, size in sizes.items()}
+
+
+def auto_search(
+    store: EmbeddedIndex,
+    queries: torch.Tensor,
+    budget: AutoBudget | str,
+    k: int,
+    *,
+    two_stage: bool = False,
+    candidates: int | None = None,
+) -> AutoSearchResults:
+    """Top ``k`` per query under the ``auto`` policy (see the module docstring)."""
+    policy = resolve_policy(store, budget)
+    check_search(queries, policy.ceiling, k, dim=store.dim, num_vectors=store.num_vectors,
+                 two_stage=two_stage, candidates=candidates)  # fmt: skip
+    policy.validate(queries.shape[1], store.num_vectors)
+    queries = queries.detach().cpu()
+    keep = max(policy.top_m, k)
+    sizes = item_bytes(store, policy.steps())
+    if two_stage:
+        from metaembed.index.two_stage import shortlist_ranked
+
+        ranked = shortlist_ranked(store, queries, policy.cheap, keep, candidates)
+        if ranked is None:
+            return _empty(queries.shape[0], policy)
+        scores, slots, offsets, segments, scanned = ranked
+    else:
+        segments = store.segments
+        scores, slots, offsets = store.scan(queries, policy.cheap, keep, segments)
+        offsets = [*offsets, sum(s.count for s in segments)]
+        scanned = [offsets[-1]] * queries.shape[0]
+    return _escalate_all(store, queries, policy, k, scores, slots, offsets, segments, scanned, sizes)
+
+
+def rescorer(
+    store: EmbeddedIndex, query: torch.Tensor, segments: list, offsets: list[int]
+) -> Callable[[Budget, torch.Tensor], torch.Tensor]:
+    """``score(budget, slots)`` for one query ``(1, R_q, D)`` over a snapshot: scores aligned with the slots."""
+    from metaembed.index.two_stage import score_slots
+
+    def score(budget: Budget, slots: torch.Tensor) -> torch.Tensor:
+        # score_slots reads rows in storage order; put the scores back in the order asked for
+        order = torch.argsort(slots)
+        scored, _ = score_slots(store, query, budget, segments, offsets, slots[order].numpy())
+        aligned = torch.empty_like(scored)
+        aligned[order] = scored
+        return aligned
+
+    return score
+
+
+def rerank_slots(store: EmbeddedIndex, query: torch.Tensor, slots: torch.Tensor, policy: AutoBudget, k: int) -> Outcome:
+    """The ``auto`` policy over a given candidate list: ``slots`` (global rows of the current snapshot) scored at
+    the cheap budget, then escalated. How an evaluation ranks each query among its own candidates."""
+    segments = store.segments
+    offsets = [0, *itertools.accumulate(s.count for s in segments)]
+    score = rescorer(store, query, segments, offsets)
+    sizes = item_bytes(store, policy.steps())
+    first = score(policy.cheap, slots)
+    return escalate(policy, slots, first, score, sizes.__getitem__, k, slots.numel() * sizes[policy.cheap])
+
+
+def _escalate_all(store, queries, policy, k, scores, slots, offsets, segments, scanned, sizes) -> AutoSearchResults:
+    outcomes: list[Outcome] = []
+    for i in range(queries.shape[0]):
+        live = torch.isfinite(scores[i])  # a scan over fewer than `keep` live rows pads with -inf
+        score = rescorer(store, queries[i : i + 1], segments, offsets)
+        first = scanned[i] * sizes[policy.cheap]
+        outcomes.append(escalate(policy, slots[i][live], scores[i][live], score, sizes.__getitem__, k, first))
+    width = min((o.rows.numel() for o in outcomes), default=0)
+    results = store._results(
+        torch.stack([o.scores[:width] for o in outcomes]),
+        torch.stack([o.rows[:width] for o in outcomes]),
+        offsets[:-1],
+        k,
+        segments,
+    )
+    return AutoSearchResults(
+        ids=results.ids,
+        scores=results.scores,
+        metadata=results.metadata,
+        budgets=[str(o.budget) for o in outcomes],
+        escalations=[o.escalations for o in outcomes],
+        bytes_read=[o.bytes_read for o in outcomes],
+        policy=policy,
+    )
+
+
+def _empty(nq: int, policy: AutoBudget) -> AutoSearchResults:
+    return AutoSearchResults(
+        ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)],
+        budgets=[str(policy.cheap)] * nq, escalations=[0] * nq, bytes_read=[0] * nq, policy=policy,
+    )  # fmt: skip
+
+
+__all__ = ["AutoSearchResults", "auto_search", "item_bytes", "rerank_slots", "rescorer", "resolve_policy"]
