@@ -1,16 +1,15 @@
-"""Write a training checkpoint (``RUN/checkpoint-N``) as a loadable model directory, e.g. to evaluate a run
-that was stopped before its end:  python scripts/export_checkpoint.py runs/NAME 200 runs/NAME/step-200"""
+"""Write a training checkpoint (``RUN/checkpoint-N``, of a DDP or an FSDP run) as a loadable model directory,
+e.g. to evaluate a run stopped before its end:  python scripts/export_checkpoint.py runs/NAME 200 runs/NAME/step-200"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from metaembed.train.recipe import load_recipe
-from metaembed.train.trainer import TRAINABLE_FILE, build_model
+from metaembed.train.trainer import TRAINABLE_FILE, trained_model
 
 
 def main() -> None:
@@ -19,15 +18,8 @@ def main() -> None:
     parser.add_argument("step", type=int)
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    model = build_model(load_recipe(args.run / "recipe.yaml"), args.run)
     saved = load_file(args.run / f"checkpoint-{args.step}" / TRAINABLE_FILE)
-    parameters = dict(model.named_parameters())
-    missing = sorted(set(saved) - set(parameters))
-    if missing:
-        raise SystemExit(f"{args.run}: checkpoint tensors not in the recipe's model: {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            parameters[name].copy_(tensor.to(parameters[name].dtype))
+    model = trained_model(load_recipe(args.run / "recipe.yaml"), args.run, saved)
     print(f"wrote {model.save_pretrained(args.out)} ({len(saved)} trained tensors from step {args.step})")
 
 

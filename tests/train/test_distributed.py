@@ -1,4 +1,5 @@
-"""Distributed and cached losses equal one process on the global batch (loss and every gradient)."""
+"""Distributed and cached losses equal one process on the global batch (loss and every gradient), under DDP
+(full fine-tuning) and FSDP (LoRA, gradient checkpointing, decoder layers sharded)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,24 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 @pytest.fixture(scope="module")
 def reference(tiny_backbone):
     worker = runpy.run_path(str(WORKER))
-    return worker["run"](str(tiny_backbone("qwen2_vl")))
+    return {setup: worker["run"](str(tiny_backbone("qwen2_vl")), setup) for setup in worker["SETUPS"]}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_backbone, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gloo") / "rank0.pt"
+    # PYTHONFAULTHANDLER: a worker that aborts in C++ prints where Python was (it was at exit, see ddp_worker)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*command, str(WORKER), str(tiny_backbone("qwen2_vl")), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=True)  # plain dicts of tensors: no unpickling of code
 
 
 def _assert_same(got, want):
@@ -30,23 +48,20 @@ def _assert_same(got, want):
 
 
 def test_cached_minibatches_give_the_uncached_gradients(reference):
-    _assert_same(reference["cached"], reference["uncached"])
-    assert reference["uncached"]["grads"]["meta_tokens.weight"].abs().sum() > 0
+    for setup in ("ddp", "fsdp"):
+        _assert_same(reference[setup]["cached"], reference[setup]["uncached"])
+        assert reference[setup]["uncached"]["grads"]["meta_tokens.weight"].abs().sum() > 0
 
 
-def test_two_gloo_processes_equal_one_process_on_the_global_batch(tiny_backbone, reference, tmp_path):
-    out = tmp_path / "rank0.pt"
-    # PYTHONFAULTHANDLER: a worker that aborts in C++ prints where Python was (it was at exit, see ddp_worker)
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run(
-        [*command, str(WORKER), str(tiny_backbone("qwen2_vl")), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(out, weights_only=True)  # plain dicts of tensors: no unpickling of code
-    _assert_same(result["uncached"], reference["uncached"])
-    _assert_same(result["cached"], reference["uncached"])
+def test_two_gloo_processes_equal_one_process_on_the_global_batch(reference, two_processes):
+    _assert_same(two_processes["ddp"]["uncached"], reference["ddp"]["uncached"])
+    _assert_same(two_processes["ddp"]["cached"], reference["ddp"]["uncached"])
+
+
+def test_fsdp_on_two_processes_equals_one_process_on_the_global_batch(reference, two_processes):
+    want = reference["fsdp"]["uncached"]
+    adapters = [name for name in want["grads"] if "lora_" in name]
+    assert len(adapters) == 2 * 7 * 2  # A and B of q/k/v/o/gate/up/down in both decoder layers
+    assert all(want["grads"][name].abs().sum() > 0 for name in adapters)
+    _assert_same(two_processes["fsdp"]["uncached"], want)
+    _assert_same(two_processes["fsdp"]["cached"], want)

@@ -1,5 +1,7 @@
 """Training recipes: a YAML file of five sections, with ``section.key=value`` overrides from the CLI.
 
+A recipe may start from another with a top-level ``base: OTHER.yaml`` and change only some keys.
+
 Relative paths in a recipe are resolved against the current directory. ``model.backbone`` is a
 backbone directory or hub id, or a builder: ``tiny:qwen2_vl`` / ``tiny:qwen2_5_vl`` (a tiny random VLM,
 for tests) or ``mini`` / ``mini:IMAGE_SIZE`` (MiniLM + MobileNetV2 from pip packages), created under
@@ -16,6 +18,7 @@ import yaml
 
 from metaembed.train.data import DatasetSpec
 from metaembed.train.loss import TrainConfigError, variant_pooling
+from metaembed.train.strategy import STRATEGIES
 
 
 @dataclass
@@ -78,6 +81,7 @@ class TrainRecipe:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; bf16 uses AMX on recent Xeons)
     gradient_checkpointing: bool = False
+    strategy: str = "ddp"  # ddp (a model copy per process) | fsdp (decoder layers sharded over processes)
     save_steps: int = 100
     save_total_limit: int | None = 2
     log_steps: int = 10
@@ -108,6 +112,13 @@ class Recipe:
         if self.train.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainConfigError(
                 f"train.mixed_precision must be no, bf16 or fp16, got {self.train.mixed_precision!r}"
+            )
+        if self.train.strategy not in STRATEGIES:
+            raise TrainConfigError(f"train.strategy must be one of {STRATEGIES}, got {self.train.strategy!r}")
+        if self.train.strategy == "fsdp" and self.train.mixed_precision == "fp16":
+            raise TrainConfigError(
+                "train.mixed_precision=fp16 needs a loss scaler for sharded gradients, which train.strategy=fsdp "
+                "does not set up; use bf16"
             )
         for name in ("max_steps", "batch_size", "save_steps", "log_steps"):
             if getattr(self.train, name) < 1:
@@ -155,18 +166,38 @@ class Recipe:
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """A recipe from a YAML file (or the defaults) with ``section.key=value`` overrides (YAML values)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise TrainConfigError(f"recipe file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise TrainConfigError(f"{path} is not valid YAML: {error}") from error
+    data: dict[str, Any] = read_recipe_file(Path(path)) if path is not None else {}
     for override in overrides:
         apply_override(data, override)
     return Recipe.from_dict(data)
+
+
+def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's sections; ``base: OTHER.yaml`` (relative to this file) first reads OTHER, then this
+    file's keys replace OTHER's one by one, section by section (a list such as ``data.datasets`` as a whole).
+
+    Why: the 3B / 7B / 32B recipes share the paper's data mixture and loss; each states only what differs.
+    """
+    if not path.is_file():
+        raise TrainConfigError(f"recipe file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise TrainConfigError(f"recipe {path} names itself as a base (through {[str(p) for p in seen]})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise TrainConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise TrainConfigError(f"{path}: base must be a recipe file name, got {base!r}")
+    merged = read_recipe_file(path.parent / base, (*seen, path.resolve()))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
 
 
 def apply_override(data: dict, override: str) -> None:

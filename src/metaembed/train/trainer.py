@@ -1,17 +1,19 @@
-"""The training loop: accelerate (DDP under ``torchrun`` / ``accelerate launch``), LoRA, GradCache, resume.
+"""The training loop: accelerate (DDP or FSDP under ``torchrun`` / ``accelerate launch``), LoRA, GradCache, resume.
 
 Why an accelerate loop and not a ``transformers.Trainer`` subclass: cached mini-batches need a
 two-phase forward/backward (embed without a graph, loss, re-forward per chunk under ``no_sync``) that
 ``Trainer.training_step`` hides; ``MetaEmbedModel`` is not a ``PreTrainedModel``, so ``Trainer``'s
 checkpointing would save the whole backbone every time, where a LoRA run needs only its adapter, Meta
 Tokens and projection; and the data stream (a resumable weighted mixture, fixed global batch for the
-cross-rank gather) does not fit a ``Sampler``. accelerate still gives device placement, DDP (or FSDP
-from its launch config), autocast and gradient sync — about 200 lines here instead of overriding
-half of ``Trainer``.
+cross-rank gather) does not fit a ``Sampler``. accelerate still gives device placement, the process
+group, DDP, autocast and gradient sync — about 200 lines here instead of overriding half of ``Trainer``.
+``train.strategy: fsdp`` shards the decoder layers with torch's ``fully_shard`` instead (``strategy.py``).
 
 A checkpoint ``output_dir/checkpoint-{step}/`` holds the trainable tensors, the optimizer, the
 scheduler, every rank's RNG and data-stream state and the log history: a resumed run continues from
-the identical state. The final model is written with ``save_pretrained`` to ``output_dir/final``.
+the identical state. The trainable tensors are one whole (gathered) safetensors file under either
+strategy; the optimizer state is one file under DDP and one shard per rank under FSDP. The final model is
+written with ``save_pretrained`` to ``output_dir/final``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from metaembed.train.data import Mixture, collate
 from metaembed.train.gradcache import cached_loss_backward
 from metaembed.train.loss import MatryoshkaMultiVectorLoss, TrainConfigError, variant_groups, variant_pooling
 from metaembed.train.recipe import Recipe
+from metaembed.train.strategy import checkpoint_strategy, make_strategy
 
 log = logging.getLogger("metaembed.train")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -112,6 +115,21 @@ def warm_start(model, source_dir: str) -> int:
     return len(targets)
 
 
+def trained_model(recipe: Recipe, workdir: Path, tensors: dict[str, torch.Tensor]):
+    """The recipe's model, built whole on this process, with the trained ``tensors`` (a checkpoint's
+    ``trainable.safetensors``) copied in: how a sharded run writes its final model, and how any checkpoint
+    becomes a model directory. Frozen weights come from the backbone files, as in training."""
+    model = build_model(recipe, workdir)
+    parameters = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(parameters))
+    if unknown:
+        raise CheckpointError(f"trained tensors not in the recipe's model: {unknown[:3]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor.to(parameters[name].dtype))
+    return model
+
+
 def resolve_backbone(spec: str, workdir: Path) -> str:
     """A backbone directory for ``spec``: ``tiny:FAMILY``, ``mini[:SIZE]`` and ``gemma-mini[:SIZE]`` are built
     under ``workdir``."""
@@ -150,7 +168,7 @@ class MetaEmbedTrainer:
 
     def __init__(self, recipe: Recipe) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
         self.recipe = recipe
         t = recipe.train
@@ -162,10 +180,17 @@ class MetaEmbedTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise TrainConfigError(
+                f"the accelerate launch config selects {self.accelerator.distributed_type.value}; metaembed shards "
+                "through its recipe: launch with a multi-GPU config (or --multi_gpu) and set train.strategy=fsdp"
+            )
+        self.strategy = make_strategy(t.strategy, self.accelerator)
         self._seed_everything(t.seed)  # the same initial weights on every rank
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with self.accelerator.main_process_first():  # rank 0 writes a tiny/mini backbone, the others then read it
             self.model = build_model(recipe, self.output_dir)
+        self.strategy.shard(self.model, t.mixed_precision)  # before the optimizer: FSDP replaces the parameters
         n_q, n_c = self.model.num_vectors("query"), self.model.num_vectors("candidate")
         groups = recipe.loss.groups or variant_groups(recipe.loss.variant, n_q, n_c)
         loss_recipe = recipe.loss
@@ -185,7 +210,7 @@ class MetaEmbedTrainer:
         optimizer = torch.optim.AdamW(_param_groups(self.trainable, t), lr=t.learning_rate)
         from transformers import get_linear_schedule_with_warmup
 
-        self.module, self.optimizer = self.accelerator.prepare(self.loss_fn, optimizer)
+        self.module, self.optimizer = self.strategy.wrap(self.loss_fn, optimizer)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer.optimizer, t.warmup_steps, t.max_steps)
         self.data = Mixture(
             recipe.dataset_specs(),
@@ -270,11 +295,22 @@ class MetaEmbedTrainer:
         self.save_checkpoint()
         final = self.output_dir / FINAL_DIR
         if self.step >= t.max_steps or timed_out:
-            if acc.is_main_process:
-                self.model.save_pretrained(final)
-                log.info("final model written to %s", final)
-            acc.wait_for_everyone()
+            self._save_final(final)
         return final
+
+    def _save_final(self, final: Path) -> None:
+        """``save_pretrained`` on the main process; a sharded model is first rebuilt whole there (the
+        backbone from its files, the trained tensors gathered), since no process holds all of its weights."""
+        acc = self.accelerator
+        if self.strategy.name == "fsdp":
+            tensors = self.strategy.full_tensors(self.trainable)  # a collective: every rank takes part
+            if acc.is_main_process:
+                trained_model(self.recipe, self.output_dir, tensors).save_pretrained(final)
+        elif acc.is_main_process:
+            self.model.save_pretrained(final)
+        if acc.is_main_process:
+            log.info("final model written to %s", final)
+        acc.wait_for_everyone()
 
     def _train_step(self) -> float:
         t, acc = self.recipe.train, self.accelerator
@@ -288,14 +324,14 @@ class MetaEmbedTrainer:
                 batch,
                 device=acc.device,
                 backward=acc.backward,
-                no_sync=lambda: acc.no_sync(self.module),
+                no_sync=self.strategy.no_sync(self.module),
             )
         else:
             loss = self.module(batch)
             acc.backward(loss)
         self.grad_norm = None
         if t.max_grad_norm:
-            self.grad_norm = float(acc.clip_grad_norm_([p for _, p in self.trainable], t.max_grad_norm))
+            self.grad_norm = self.strategy.clip_grad_norm([p for _, p in self.trainable], t.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,16 +371,18 @@ class MetaEmbedTrainer:
             staging.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(self._rank_state(), staging / f"rank-{acc.process_index}.pt")
+        tensors = self.strategy.full_tensors(self.trainable)
         if acc.is_main_process:
-            tensors = {n: p.detach().contiguous().cpu() for n, p in self.trainable}
             save_file(tensors, staging / TRAINABLE_FILE)
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                staging / "optimizer.pt",
-            )
+        self.strategy.save_optimizer(staging, self.optimizer.optimizer, self.scheduler)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"step": self.step, "world_size": acc.num_processes, "history": self.history}
+            state = {
+                "step": self.step,
+                "world_size": acc.num_processes,
+                "strategy": self.strategy.name,
+                "history": self.history,
+            }
             (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
@@ -388,6 +426,12 @@ class MetaEmbedTrainer:
                 f"{path} was written by {state['world_size']} processes; resume with the same number "
                 f"(now {acc.num_processes}) so every rank's data stream continues"
             )
+        written_by = checkpoint_strategy(path)
+        if written_by != self.strategy.name:
+            raise CheckpointError(
+                f"{path} was written with train.strategy={written_by}; resume with the same strategy "
+                f"(now {self.strategy.name})"
+            )
         saved = load_file(path / TRAINABLE_FILE)
         names = {n for n, _ in self.trainable}
         if set(saved) != names:
@@ -395,13 +439,9 @@ class MetaEmbedTrainer:
                 f"{path}: trainable tensors differ from this recipe's model "
                 f"(missing {sorted(names - set(saved))[:3]}, extra {sorted(set(saved) - names)[:3]})"
             )
-        with torch.no_grad():
-            for name, parameter in self.trainable:
-                parameter.copy_(saved[name].to(parameter.dtype))
+        self.strategy.load_tensors(self.trainable, saved)
+        self.strategy.load_optimizer(path, self.optimizer.optimizer, self.scheduler)
         # weights_only: a checkpoint is data, never code (every value saved is a tensor or a plain type)
-        blob = torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
         rank = torch.load(path / f"rank-{acc.process_index}.pt", weights_only=True)
         self.data.load_state_dict(rank["data"])
         torch.set_rng_state(rank["torch"])

@@ -94,6 +94,11 @@ class Backbone(nn.Module):
     def load_processor(cls, path: str | Path, config: MetaEmbedConfig) -> Processor:
         raise NotImplementedError
 
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """The language model's transformer layers in order: the units a sharded (FSDP) run splits over its
+        processes. Empty where the adapter does not name them (that backbone then trains replicated only)."""
+        return ()
+
     def save_pretrained(self, directory: Path) -> None:
         """Save the base weights (a LoRA adapter, if any, is saved separately by the model)."""
         self.model.save_pretrained(directory, state_dict=base_state_dict(self.model))

@@ -77,6 +77,9 @@ class QwenVLBackbone(Backbone):
     def hidden_size(self) -> int:
         return self.model.config.text_config.hidden_size
 
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        return tuple(self.model.language_model.layers)
+
     @classmethod
     def load_processor(cls, path: str | Path, config: MetaEmbedConfig) -> QwenVLProcessor:
         from transformers import AutoTokenizer
