@@ -42,3 +42,15 @@ def tiny_model(tiny_backbone):
 
     torch.manual_seed(0)
     return MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_backbone, tmp_path_factory):
+    """A saved checkpoint directory of the tiny Qwen2-VL model, for commands that take ``--model DIR``."""
+    import torch
+
+    from metaembed import MetaEmbedModel
+
+    torch.manual_seed(0)
+    model = MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl"))
+    return model.save_pretrained(tmp_path_factory.mktemp("checkpoint") / "tiny")

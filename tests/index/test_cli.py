@@ -63,7 +63,7 @@ def test_build_search_stats_add_delete(files, capsys):
     assert results[0]["metadata"][0] == {"n": ref.indices[0, 0].item()}
 
     code, out, _ = run(capsys, "index", "search", ix, "--queries", tmp / "q.safetensors", "--budget", "2x4")
-    assert code == 0 and "query 1:" in out and "doc" in out
+    assert code == 0 and "q.safetensors[1]:" in out and "doc" in out  # labelled by the query it is
 
     code, out, _ = run(capsys, "index", "stats", ix)
     assert code == 0 and "bytes per budget" in out and "16x64" not in out and "8x16" in out

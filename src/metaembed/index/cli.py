@@ -1,8 +1,10 @@
-"""``metaembed index build | add | delete | search | stats``.
+"""``metaembed index build | add | delete | search | stats | verify``.
 
-Embeddings come from ``.npy`` or ``.safetensors`` files holding an ``(N, R, D)`` float array (``--key`` picks
-the tensor in a safetensors file with several); ids from a ``.json`` list or a ``.txt`` file (one id per
-line); metadata from an optional JSONL file (one JSON object or ``null`` per line, same order as the ids).
+``build`` and ``add`` take either files to encode (``--model M --items PATH...``, see
+:mod:`metaembed.index.ingest_cli`) or precomputed vectors: embeddings from ``.npy`` or ``.safetensors`` files
+holding an ``(N, R, D)`` float array (``--key`` picks the tensor in a safetensors file with several); ids from
+a ``.json`` list or a ``.txt`` file (one id per line); metadata from an optional JSONL file (one JSON object or
+``null`` per line, same order as the ids).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from metaembed.errors import InputError
+from metaembed.index import ingest_cli
 
 
 def load_embeddings(path: str | Path, key: str | None = None):
@@ -104,6 +107,8 @@ def load_metadata(path: str | Path | None, n: int) -> list[dict[str, Any] | None
 
 
 def _items(args: argparse.Namespace):
+    if not (args.embeddings and args.ids):
+        raise InputError("give --model and --items (files to encode), or --embeddings and --ids (precomputed vectors)")
     embeddings = load_embeddings(args.embeddings, args.key)
     ids = load_ids(args.ids)
     return ids, embeddings, load_metadata(args.metadata, len(ids))
@@ -112,6 +117,8 @@ def _items(args: argparse.Namespace):
 def _build(args: argparse.Namespace) -> int:
     from metaembed.index import create_index
 
+    if args.items:
+        return ingest_cli.run(args, create=True)
     ids, embeddings, metadata = _items(args)
     if embeddings.ndim != 3:
         raise InputError(f"embeddings must be (N, R, D), got shape {tuple(embeddings.shape)}")
@@ -119,7 +126,8 @@ def _build(args: argparse.Namespace) -> int:
     # Validate everything before creating the directory, so bad input leaves nothing behind.
     from metaembed.index.base import check_dtype, check_ids
 
-    check_dtype(args.dtype)
+    dtype = args.dtype or "bf16"
+    check_dtype(dtype)
     check_ids(ids)
     if len(ids) != embeddings.shape[0]:
         raise InputError(f"got {len(ids)} ids for {embeddings.shape[0]} embeddings; give one id per item")
@@ -128,8 +136,8 @@ def _build(args: argparse.Namespace) -> int:
         args.path,
         dim=embeddings.shape[2],
         num_vectors=embeddings.shape[1],
-        dtype=args.dtype,
-        backend=args.backend,
+        dtype=dtype,
+        backend=args.backend or "embedded",
         **opts,
     )
     try:
@@ -153,18 +161,31 @@ def _remove_new_index(path: Path, *, keep_dir: bool) -> None:
             path.mkdir()
 
 
-def _open(args: argparse.Namespace, read_only: bool = False):
-    from metaembed.index import open_index
+def open_for_cli(path: str | Path, *, url: str | None = None, read_only: bool = False):
+    """``open_index`` whose not-found error names the command that creates the index."""
+    from metaembed.index import IndexNotFoundError, open_index
 
-    opts: dict[str, Any] = {}
-    if getattr(args, "url", None):
-        opts["url"] = args.url
+    opts: dict[str, Any] = {"url": url} if url else {}
     if read_only:
         opts["read_only"] = True
-    return open_index(args.path, **opts)
+    try:
+        return open_index(path, **opts)
+    except IndexNotFoundError:
+        raise IndexNotFoundError(
+            f"no index at {path}: create it with `metaembed index build {path} --model MODEL --items FOLDER` "
+            "(or --embeddings/--ids for precomputed vectors)"
+        ) from None
+
+
+def _open(args: argparse.Namespace, read_only: bool = False):
+    return open_for_cli(args.path, url=getattr(args, "url", None), read_only=read_only)
 
 
 def _add(args: argparse.Namespace) -> int:
+    if args.items:
+        if args.upsert:
+            raise InputError("--upsert applies to --embeddings; --items adds the ids the index does not hold yet")
+        return ingest_cli.run(args, create=False)
     ids, embeddings, metadata = _items(args)
     with _open(args) as index:
         (index.upsert if args.upsert else index.add)(ids, embeddings, metadata)
@@ -195,11 +216,11 @@ def _search(args: argparse.Namespace) -> int:
                 zip(results.ids, results.scores.tolist(), results.metadata or [[]] * len(results.ids), strict=True)
             )
         ]
-        json.dump(out, sys.stdout, ensure_ascii=False)
+        json.dump(out, sys.stdout, ensure_ascii=False, allow_nan=False)
         print()
         return 0
     for i, (ids, scores) in enumerate(zip(results.ids, results.scores.tolist(), strict=True)):
-        print(f"query {i}:")
+        print(f"{Path(args.queries).name}[{i}]:")
         for rank, (item_id, score) in enumerate(zip(ids, scores, strict=True), 1):
             print(f"  {rank:>3}. {score:10.4f}  {item_id}")
     return 0
@@ -220,6 +241,19 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from metaembed.index.base import IndexFormatError
+    from metaembed.index.store import EmbeddedIndex
+
+    problems, checked = EmbeddedIndex.verify(args.path)
+    for problem in problems:
+        print(f"damaged: {problem}")
+    if problems:
+        raise IndexFormatError(f"{args.path}: {len(problems)} of {checked} files are damaged, first {problems[0]}")
+    print(f"{args.path}: {checked} files intact (sizes and checksums match the manifest)")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("index", help="build, update, search and inspect a multi-vector index")
     sub = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -229,16 +263,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--url", help="Qdrant server URL (qdrant backend)")
 
     def items(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--embeddings", required=True, help="(N, R, D) float array: .npy or .safetensors")
-        p.add_argument("--ids", required=True, help="ids: .json list or .txt with one id per line")
-        p.add_argument("--metadata", help="JSONL file: one JSON object (or null) per id")
-        p.add_argument("--key", help="tensor name inside a .safetensors file")
+        ingest_cli.add_arguments(p)
+        group = p.add_argument_group("from precomputed vectors")
+        group.add_argument("--embeddings", help="(N, R, D) float array: .npy or .safetensors")
+        group.add_argument("--ids", help="ids: .json list or .txt with one id per line")
+        group.add_argument("--metadata", help="JSONL file: one JSON object (or null) per id")
+        group.add_argument("--key", help="tensor name inside a .safetensors file")
 
-    build = sub.add_parser("build", help="create an index from embeddings")
+    build = sub.add_parser(
+        "build", help="create an index from files (encoded with --model) or embeddings; resumes if it exists"
+    )
     common(build)
     items(build)
-    build.add_argument("--dtype", default="bf16", help="storage: fp32, bf16 or int8 (default bf16)")
-    build.add_argument("--backend", default="embedded", help="embedded (default) or qdrant")
+    build.add_argument("--dtype", help="storage: fp32, bf16 or int8 (default bf16)")
+    build.add_argument("--backend", help="embedded (default) or qdrant")
     build.set_defaults(func=_build)
 
     add = sub.add_parser("add", help="add items to an index")
@@ -268,3 +306,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(stats)
     stats.add_argument("--json", action="store_true", help="print JSON")
     stats.set_defaults(func=_stats)
+
+    verify = sub.add_parser("verify", help="check every file's size and checksum against the manifest (embedded)")
+    verify.add_argument("path", help="index directory")
+    verify.set_defaults(func=_verify)
