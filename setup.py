@@ -1,7 +1,9 @@
-"""Builds the optional fused MaxSim kernel; everything else about the package is in pyproject.toml.
+"""Builds the optional C parts; everything else about the package is in pyproject.toml.
 
-The kernel is a plain C file with AVX512-BF16 code behind a runtime CPU check. ``optional=True``: where no C
-compiler is present the install still succeeds and metaembed scores with torch GEMMs instead.
+The fused MaxSim kernel is a plain C file with AVX512-BF16 code behind a runtime CPU check; the map guard
+turns a SIGBUS from a segment file truncated under the index into an error the index reports. Both are
+``optional=True``: where no C compiler is present the install still succeeds, metaembed scores with torch
+GEMMs, and the index goes without the guard (docs/index.md says what that costs).
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ setup(
             sources=["src/metaembed/_fused_maxsim.c"],
             extra_compile_args=["-O3", "-std=c11"],
             optional=True,
-        )
+        ),
+        Extension(
+            "metaembed._mapguard",
+            sources=["src/metaembed/_mapguard.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+            optional=True,
+        ),
     ]
 )

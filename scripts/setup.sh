@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 stamp=.venv/.metaembed-setup
-inputs=$(cat pyproject.toml setup.py constraints.txt scripts/setup.sh src/metaembed/_fused_maxsim.c | sha256sum | cut -d' ' -f1)
+inputs=$(cat pyproject.toml setup.py constraints.txt scripts/setup.sh src/metaembed/_fused_maxsim.c src/metaembed/_mapguard.c | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && .venv/bin/python -c "import metaembed" 2>/dev/null; then
     echo "setup: .venv is up to date"
     exit 0

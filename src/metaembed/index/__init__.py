@@ -25,6 +25,7 @@ _FROM_BASE = (
     "IndexFormatError",
     "IndexLockedError",
     "IndexNotFoundError",
+    "IndexStorageError",
     "ReadOnlyIndexError",
     "SearchResults",
     "UnknownIdError",

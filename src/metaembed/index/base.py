@@ -56,7 +56,14 @@ class IndexLockedError(IndexError_, RuntimeError):
 
 
 class ReadOnlyIndexError(IndexError_, PermissionError):
-    """A write on an index opened with ``read_only=True``."""
+    """A write on an index opened with ``read_only=True``, or a writer on a read-only filesystem."""
+
+
+class IndexStorageError(IndexError_, OSError):
+    """The filesystem refused a read or write of the index's files: disk full, permission denied, I/O error.
+
+    ``errno`` is the operating system's error number (``errno.ENOSPC`` for a full disk).
+    """
 
 
 class DuplicateIdError(InputError):
@@ -194,6 +201,8 @@ def check_search(
 ) -> Budget:
     """The checks every backend's ``search`` starts with; returns the parsed budget."""
     check_embeddings(queries, "queries", dim=dim)
+    if not torch.isfinite(queries).all():
+        raise InputError("queries contain NaN or infinite values")
     budget = Budget.parse(budget).validate(queries.shape[1], num_vectors)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"k must be a positive int, got {k!r}")

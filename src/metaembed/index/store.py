@@ -2,8 +2,8 @@
 
 Layout (one directory; see docs/index.md for the full format and the crash-safety argument)::
 
-    MANIFEST                    JSON, the single source of truth; replaced only by atomic rename (+ fsync)
-    LOCK                        flock(2) target: one writer process at a time; readers never lock
+    MANIFEST                    JSON, the single source of truth; replaced only by atomic rename (+ fsync);
+                                names every segment file with its size and CRC-32
     seg-<gen>-<tag>.g<i>.bin    group i of a segment: (n, n_g, D) raw little-endian fp32 | bf16 | int8
     seg-<gen>-<tag>.s<i>.bin    int8 only: per-vector fp32 scales (n, n_g)
     seg-<gen>-<tag>.items.json  {"ids": [...], "metadata": [... | null]}
@@ -13,6 +13,7 @@ contiguous array, so a search at budget ``r_c`` maps and reads only the groups h
 vectors. Segment files are written once, fsynced, and never modified; a write becomes visible (and
 acknowledged) only when the new MANIFEST that names it has been renamed into place and the directory
 fsynced. Deletes are tombstones in the manifest; ``compact()`` rewrites live rows into one segment.
+One writer process at a time holds flock(2) on the directory itself (readers never lock).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import math
 import os
 import secrets
+import stat
 import threading
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ import torch
 
 from metaembed.auto_budget import is_auto
 from metaembed.budget import Budget
-from metaembed.errors import InputError
+from metaembed.errors import InputError, MetaEmbedError
 from metaembed.index.base import (
     BudgetLike,
     DuplicateIdError,
@@ -51,16 +54,30 @@ from metaembed.index.base import (
     check_ids,
     check_search,
 )
+from metaembed.index.storage import (
+    MappedFile,
+    crc32_file,
+    fsync_dir,
+    is_gone,
+    storage_error,
+    tensor_bytes,
+    write_file,
+)
 from metaembed.scoring import check_embeddings
+
+log = logging.getLogger(__name__)
 
 FORMAT = "metaembed-index"
 VERSION = 1
 MANIFEST = "MANIFEST"
-LOCK = "LOCK"
 DEFAULT_BOUNDS = (1, 4, 8, 16, 64)
 _TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "int8": 1}
 _SEARCH_BLOCK_ROWS = 262_144  # rows scored per kernel call: bounds the (nq, rows) score buffer
+# Vector files up to this size are checksummed whenever a process maps them (about 10 ms each); larger ones
+# by ``metaembed index verify`` and before a compaction rewrites them.
+VERIFY_ON_OPEN_BYTES = 16 * 2**20
+_OPEN_ATTEMPTS = 20  # a compaction may delete files between reading the manifest and mapping them
 
 
 def group_bounds(num_vectors: int) -> list[int]:
@@ -75,29 +92,6 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
     codes = torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return codes, scale
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write and fsync a new file (the caller fsyncs the directory before publishing it)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
 
 
 def _checksum(body: dict[str, Any]) -> int:
@@ -141,6 +135,42 @@ def _locked(method):
     return wrapper
 
 
+def _storage(action: str):
+    """Report an ``OSError`` from the filesystem as the matching index error (see ``storage_error``)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except OSError as error:
+                if isinstance(error, MetaEmbedError):
+                    raise
+                raise storage_error(error, f"{action} the index at {self.path}") from error
+
+        return wrapper
+
+    return decorate
+
+
+def _guarded_read(method):
+    """Check the snapshot's mapped files before and after a read that touches vector data.
+
+    Before: a file whose size changed is reported instead of being read. After: a read that ran past the end of
+    a file truncated meanwhile got zeros from the SIGBUS guard; its results are refused, never returned.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._auto_refresh()
+        segments = self._segments
+        result = method(self, *args, **kwargs)
+        self._check_mapped(segments)
+        return result
+
+    return wrapper
+
+
 @dataclass
 class Segment:
     """One immutable batch of rows: its group arrays (memory-mapped) and its ids and metadata."""
@@ -152,6 +182,7 @@ class Segment:
     groups: list[torch.Tensor]
     scales: list[torch.Tensor | None]
     live: torch.Tensor  # (count,) bool; False = tombstoned
+    files: list[MappedFile] = field(default_factory=list)  # the mappings behind groups and scales
 
 
 class EmbeddedIndex:
@@ -197,6 +228,15 @@ class EmbeddedIndex:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive int, got {value!r}")
         root = Path(path)
+        try:
+            return cls._create(root, dim, num_vectors, dtype)
+        except OSError as error:
+            if isinstance(error, MetaEmbedError):
+                raise
+            raise storage_error(error, f"create an index at {root}") from error
+
+    @classmethod
+    def _create(cls, root: Path, dim: int, num_vectors: int, dtype: str) -> EmbeddedIndex:
         if root.exists() and not root.is_dir():
             raise IndexExistsError(f"{root} exists and is not a directory; pick a new path for the index")
         if (root / MANIFEST).exists():
@@ -216,7 +256,11 @@ class EmbeddedIndex:
             "segments": [],
             "deleted": {},
         }
-        cls._publish(root, manifest)
+        try:
+            cls._publish(root, manifest)
+        except BaseException:
+            os.close(lock_fd)
+            raise
         return cls(root, manifest, read_only=False, lock_fd=lock_fd)
 
     @classmethod
@@ -226,14 +270,26 @@ class EmbeddedIndex:
         if path is None:
             raise InputError("the embedded index needs a directory path")
         root = Path(path)
+        try:
+            return cls._open(root, read_only)
+        except OSError as error:
+            if isinstance(error, MetaEmbedError):
+                raise
+            raise storage_error(error, f"open the index at {root}") from error
+
+    @classmethod
+    def _open(cls, root: Path, read_only: bool) -> EmbeddedIndex:
         if not root.exists():
             raise IndexNotFoundError(f"no index at {root}: the path does not exist (create it with create_index)")
         if not root.is_dir():
             raise IndexFormatError(f"{root} is a file, not a metaembed index directory")
         if not (root / MANIFEST).exists():
             raise IndexNotFoundError(f"{root} holds no metaembed index (no {MANIFEST} file)")
-        for attempt in range(20):  # a compaction may delete files between reading the manifest and mapping them
+        if not read_only:
+            cls._check_can_write(root)
+        for attempt in range(_OPEN_ATTEMPTS):
             manifest = cls._read_manifest(root)
+            lock_fd = None
             try:
                 cls._check_files(root, manifest)
                 if read_only:
@@ -244,14 +300,31 @@ class EmbeddedIndex:
                 index = cls(root, manifest, read_only=False, lock_fd=lock_fd)
                 index._remove_orphans()
                 return index
-            except FileNotFoundError:
-                if attempt == 19:
+            except OSError as error:
+                if lock_fd is not None:
+                    os.close(lock_fd)
+                if not is_gone(error) or attempt == _OPEN_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
     @staticmethod
+    def _check_can_write(root: Path) -> None:
+        """A writer needs a writable directory; say so at open, not at the first add."""
+        if os.statvfs(root).f_flag & os.ST_RDONLY:
+            raise ReadOnlyIndexError(
+                f"{root} is on a read-only filesystem; open it read-only (open_index(path, read_only=True), "
+                "metaembed serve --read-only)"
+            )
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ReadOnlyIndexError(
+                f"{root} is not writable by this user; open it read-only (open_index(path, read_only=True), "
+                "metaembed serve --read-only) or fix its permissions"
+            )
+
+    @staticmethod
     def _lock(root: Path) -> int:
-        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        """flock(2) the index directory itself: unlike a lock file, nobody can delete it from under the writer."""
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -260,6 +333,22 @@ class EmbeddedIndex:
                 f"{root} is open for writing by another process; open it with read_only=True to search"
             ) from None
         return fd
+
+    def _check_lock(self) -> None:
+        """Before a commit: the directory at ``path`` must still be the one this writer locked.
+
+        If it was moved away or replaced, another writer may hold the new one; committing there would race it.
+        """
+        held = os.fstat(self._lock_fd)
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise IndexLockedError(
+                f"{self.path} is no longer the directory this writer locked (it was moved or replaced while open); "
+                "nothing was committed: reopen the index"
+            )
 
     @staticmethod
     def _read_manifest(root: Path) -> dict[str, Any]:
@@ -298,30 +387,49 @@ class EmbeddedIndex:
     def _check_files(cls, root: Path, manifest: dict[str, Any]) -> None:
         for seg in manifest["segments"]:
             for name, size in cls._segment_files(manifest, seg):
-                actual = (root / name).stat().st_size  # FileNotFoundError is retried by open()
+                actual = (root / name).stat().st_size  # a file gone is retried by open() and refresh()
                 if actual != size:
                     raise IndexFormatError(
                         f"{root / name} is {actual} bytes, the manifest says {size}: the file is truncated or foreign"
                     )
 
     @staticmethod
-    def _publish(root: Path, manifest: dict[str, Any]) -> None:
-        """Commit point: write MANIFEST.tmp, fsync, rename over MANIFEST, fsync the directory."""
+    def _publish(root: Path, manifest: dict[str, Any]) -> bool:
+        """Commit point: write MANIFEST.tmp, fsync, rename over MANIFEST, fsync the directory.
+
+        A failure before the rename raises and leaves no ``MANIFEST.tmp``: nothing was committed. After the rename
+        the new manifest is in place and visible to every reader, so a failing directory fsync is logged, not
+        raised (returns False): reporting the write as failed would make its retry collide with it, and the next
+        commit's fsync makes it durable.
+        """
         body = dict(manifest)
         body["checksum"] = _checksum(manifest)
         tmp = root / (MANIFEST + ".tmp")
-        _write_file(tmp, json.dumps(body, sort_keys=True).encode())
-        os.replace(tmp, root / MANIFEST)
-        _fsync_dir(root)
+        write_file(tmp, json.dumps(body, sort_keys=True).encode())
+        try:
+            os.replace(tmp, root / MANIFEST)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        try:
+            fsync_dir(root)
+        except OSError as error:
+            log.error("index %s: committed, but fsync of the directory failed (%s)", root, error)
+            return False
+        return True
 
     # ------------------------------------------------------------------ in-memory snapshot
 
-    def _map(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = math.prod(shape)
-        if numel == 0:
-            return torch.empty(shape, dtype=dtype)
-        # MAP_PRIVATE mapping: pages are read lazily from the page cache, so indexes larger than RAM work.
-        return torch.from_file(str(self.path / name), shared=False, size=numel, dtype=dtype).view(shape)
+    def _vector_files(self, seg: dict[str, Any]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(file suffix, shape, dtype) of each vector file of a segment: group i, then its int8 scales."""
+        n, out = seg["count"], []
+        for i in range(len(self.bounds) - 1):
+            width = self.bounds[i + 1] - self.bounds[i]
+            out.append((f"g{i}.bin", (n, width, self.dim), _TORCH_DTYPE[self.dtype]))
+            if self.dtype == "int8":
+                out.append((f"s{i}.bin", (n, width), torch.float32))
+        return out
 
     def _open_segment(self, seg: dict[str, Any], deleted: Sequence[int]) -> Segment:
         raw = (self.path / f"{seg['name']}.items.json").read_bytes()
@@ -329,17 +437,30 @@ class EmbeddedIndex:
             raise IndexFormatError(f"{self.path / seg['name']}.items.json fails its checksum: the file is corrupt")
         items = json.loads(raw.decode("utf-8"))
         n = seg["count"]
-        groups, scales = [], []
-        for i in range(len(self.bounds) - 1):
-            width = self.bounds[i + 1] - self.bounds[i]
-            groups.append(self._map(f"{seg['name']}.g{i}.bin", (n, width, self.dim), _TORCH_DTYPE[self.dtype]))
-            scales.append(
-                self._map(f"{seg['name']}.s{i}.bin", (n, width), torch.float32) if self.dtype == "int8" else None
-            )
+        groups, scales, files = [], [], []
+        crcs = seg.get("crc32", {})  # absent in segments written before per-file checksums
+        for suffix, shape, dtype in self._vector_files(seg):
+            # mapped privately: pages are read lazily from the page cache, so indexes larger than RAM work
+            mapped = MappedFile(self.path / f"{seg['name']}.{suffix}", math.prod(shape) * dtype.itemsize)
+            if suffix in crcs and mapped.size <= VERIFY_ON_OPEN_BYTES and mapped.crc32() != crcs[suffix]:
+                raise IndexFormatError(
+                    f"{mapped.path} fails its checksum: the file is corrupt (metaembed index verify lists every "
+                    "damaged file)"
+                )
+            files.append(mapped)
+            (groups if suffix.startswith("g") else scales).append(mapped.tensor(shape, dtype))
+        if self.dtype != "int8":
+            scales = [None] * len(groups)
         live = torch.ones(n, dtype=torch.bool)
         if deleted:
             live[torch.tensor(list(deleted), dtype=torch.long)] = False
-        return Segment(seg["name"], n, items["ids"], items["metadata"], groups, scales, live)
+        return Segment(seg["name"], n, items["ids"], items["metadata"], groups, scales, live, files)
+
+    def _check_mapped(self, segments: Sequence[Segment]) -> None:
+        """IndexFormatError if a mapped file of ``segments`` changed size or was read past its end (see MappedFile)."""
+        for segment in segments:
+            for mapped in segment.files:
+                mapped.check()
 
     def _load(self, manifest: dict[str, Any]) -> None:
         old = {s.name: s for s in self._segments}
@@ -365,31 +486,38 @@ class EmbeddedIndex:
             self._manifest_stat = (st.st_ino, st.st_mtime_ns)
 
     @_locked
+    @_storage("refresh")
     def refresh(self) -> bool:
         """Reload if another process committed since this snapshot; returns True if the snapshot changed."""
         self._check_open()
         st = os.stat(self.path / MANIFEST)
         if self._manifest_stat == (st.st_ino, st.st_mtime_ns):
             return False
-        for attempt in range(20):
+        for attempt in range(_OPEN_ATTEMPTS):
             manifest = self._read_manifest(self.path)
             try:
                 self._check_files(self.path, manifest)
                 self._load(manifest)
                 return True
-            except FileNotFoundError:
-                if attempt == 19:
+            except OSError as error:
+                if not is_gone(error) or attempt == _OPEN_ATTEMPTS - 1:
                     raise
         return False
 
     def _remove_orphans(self) -> None:
         """Delete files of segments no manifest names (left by a crash or a compaction). Writer only."""
-        keep = {MANIFEST, LOCK}
+        keep = {MANIFEST}
         for seg in self._manifest["segments"]:
             keep.update(name for name, _ in self._segment_files(self._manifest, seg))
         for entry in self.path.iterdir():
             if entry.name not in keep and (entry.name.startswith("seg-") or entry.name.endswith(".tmp")):
                 entry.unlink(missing_ok=True)
+
+    def _remove_segment(self, name: str) -> None:
+        """Remove the files of a segment no manifest names (cleanup after a failed write; errors ignored)."""
+        for entry in self.path.glob(f"{name}.*"):
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
     # ------------------------------------------------------------------ writes
 
@@ -423,24 +551,59 @@ class EmbeddedIndex:
     ) -> dict[str, Any]:
         gen = self._manifest["generation"] + 1
         name = f"seg-{gen:08d}-{secrets.token_hex(4)}"
-        n = len(ids)
         if self.dtype == "int8":
             codes, scale = quantize_int8(embeddings)
         else:
             codes, scale = embeddings.to(_TORCH_DTYPE[self.dtype]), None
-        for i in range(len(self.bounds) - 1):
-            a, b = self.bounds[i], self.bounds[i + 1]
-            _write_file(self.path / f"{name}.g{i}.bin", _tensor_bytes(codes[:, a:b]))
-            if scale is not None:
-                _write_file(self.path / f"{name}.s{i}.bin", _tensor_bytes(scale[:, a:b]))
-        raw = json.dumps({"ids": ids, "metadata": metadata}, ensure_ascii=False).encode("utf-8")
-        _write_file(self.path / f"{name}.items.json", raw)
-        return {"name": name, "count": n, "items_bytes": len(raw), "items_crc32": zlib.crc32(raw)}
+        crcs = {}
+        try:
+            for i in range(len(self.bounds) - 1):
+                a, b = self.bounds[i], self.bounds[i + 1]
+                crcs[f"g{i}.bin"] = write_file(self.path / f"{name}.g{i}.bin", tensor_bytes(codes[:, a:b]))
+                if scale is not None:
+                    crcs[f"s{i}.bin"] = write_file(self.path / f"{name}.s{i}.bin", tensor_bytes(scale[:, a:b]))
+            return self._write_items(name, ids, metadata, crcs)
+        except BaseException:
+            self._remove_segment(name)
+            raise
 
-    def _commit(self, manifest: dict[str, Any]) -> None:
-        _fsync_dir(self.path)  # the new segment files' directory entries are durable before they are named
-        self._publish(self.path, manifest)
+    def _write_items(
+        self, name: str, ids: list[str], metadata: list[dict[str, Any] | None], crcs: dict[str, int]
+    ) -> dict[str, Any]:
+        """Write a segment's items file; returns its manifest entry (vector files already written, ``crcs``)."""
+        raw = json.dumps({"ids": ids, "metadata": metadata}, ensure_ascii=False).encode("utf-8")
+        items_crc = write_file(self.path / f"{name}.items.json", raw)
+        return {"name": name, "count": len(ids), "items_bytes": len(raw), "items_crc32": items_crc, "crc32": crcs}
+
+    def _commit(self, manifest: dict[str, Any], written: str | None = None) -> None:
+        """Publish ``manifest``. If that fails before the commit point, the segment ``written`` for it is removed."""
+        try:
+            self._check_lock()
+            fsync_dir(self.path)  # the new segment files' directory entries are durable before they are named
+            self._publish(self.path, manifest)
+        except BaseException:
+            if written is not None and not self._committed(manifest):
+                self._remove_segment(written)
+            raise
         self._load(manifest)
+
+    def _committed(self, manifest: dict[str, Any]) -> bool:
+        """Whether ``manifest`` is the one on disk; True when that cannot be read (its files are then kept)."""
+        try:
+            return self._read_manifest(self.path)["generation"] == manifest["generation"]
+        except (OSError, MetaEmbedError):
+            return True
+
+    def _compact_after_commit(self) -> None:
+        """Merge segments if due, after a write has committed.
+
+        A failure here (a full disk, a damaged old segment) is logged and the merge is tried again after the next
+        write; it never turns the committed write into a reported failure (a retry would then collide with it).
+        """
+        try:
+            self._maybe_compact()
+        except (OSError, MetaEmbedError) as error:
+            log.warning("index %s: merging segments failed, retried after the next write: %s", self.path, error)
 
     def _next_manifest(self) -> dict[str, Any]:
         manifest = json.loads(json.dumps(self._manifest))
@@ -458,6 +621,7 @@ class EmbeddedIndex:
         self._write(ids, embeddings, metadata, replace=True)
 
     @_locked
+    @_storage("write to")
     def _write(
         self,
         ids: Sequence[str],
@@ -474,10 +638,11 @@ class EmbeddedIndex:
                 f"{len(existing)} id(s) already in the index, e.g. {existing[:5]}; use upsert to replace them"
             )
         manifest = self._next_manifest()
-        manifest["segments"].append(self._write_segment(ids, embeddings, meta))
+        segment = self._write_segment(ids, embeddings, meta)
+        manifest["segments"].append(segment)
         self._tombstone(manifest, existing)
-        self._commit(manifest)
-        self._maybe_compact()
+        self._commit(manifest, written=segment["name"])
+        self._compact_after_commit()
 
     def _tombstone(self, manifest: dict[str, Any], ids: Sequence[str]) -> None:
         for item_id in ids:
@@ -488,6 +653,7 @@ class EmbeddedIndex:
             rows.sort()
 
     @_locked
+    @_storage("delete from")
     def delete(self, ids: Sequence[str]) -> None:
         self._check_writable()
         ids = check_ids(ids)
@@ -499,7 +665,7 @@ class EmbeddedIndex:
         manifest = self._next_manifest()
         self._tombstone(manifest, list(dict.fromkeys(ids)))
         self._commit(manifest)
-        self._maybe_compact()
+        self._compact_after_commit()
 
     def _maybe_compact(self, max_segments: int = 32) -> None:
         """Size-tiered merging: many segments → merge the small ones; mostly-dead index → full compaction."""
@@ -512,56 +678,76 @@ class EmbeddedIndex:
             self.compact(None if len(small) < 2 else small)
 
     @_locked
+    @_storage("compact")
     def compact(self, segments: Sequence[str] | None = None) -> None:
         """Rewrite the live rows of ``segments`` (default: all) into one new segment, dropping their tombstones.
 
         Atomic like every write: the merged segment is written and fsynced, then one manifest swap replaces
         the old segments by it; their files are removed only after that. Readers holding the old snapshot
-        keep their (unlinked) mappings.
+        keep their (unlinked) mappings. The old segments' checksums are verified first, so a damaged file is
+        reported (IndexFormatError) instead of being rewritten under a fresh checksum; a failed compaction
+        removes what it wrote and leaves the index as it was.
         """
         self._check_writable()
         chosen = set(segments) if segments is not None else {s.name for s in self._segments}
         if len(chosen) <= 1 and not any(name in self._manifest["deleted"] for name in chosen):
             return
         merged = [s for s in self._segments if s.name in chosen]
+        entries = {seg["name"]: seg for seg in self._manifest["segments"]}
+        for segment in merged:
+            self._verify_mapped(segment, entries[segment.name])
         manifest = self._next_manifest()
         manifest["segments"] = [seg for seg in manifest["segments"] if seg["name"] not in chosen]
         manifest["deleted"] = {k: v for k, v in manifest["deleted"].items() if k not in chosen}
+        written = None
         if any(bool(s.live.any()) for s in merged):
-            gen = manifest["generation"]
-            name = f"seg-{gen:08d}-{secrets.token_hex(4)}"
-            ids: list[str] = []
-            meta: list[dict[str, Any] | None] = []
-            handles = []
-            for i in range(len(self.bounds) - 1):
-                handles.append(open(self.path / f"{name}.g{i}.bin", "wb"))  # noqa: SIM115
-                if self.dtype == "int8":
-                    handles.append(open(self.path / f"{name}.s{i}.bin", "wb"))  # noqa: SIM115
-            try:
-                for segment in merged:
-                    rows = torch.nonzero(segment.live).flatten()
-                    if rows.numel() == 0:
-                        continue
-                    ids.extend(segment.ids[r] for r in rows.tolist())
-                    meta.extend(segment.metadata[r] for r in rows.tolist())
-                    h = iter(handles)
-                    for group, scale in zip(segment.groups, segment.scales, strict=True):
-                        next(h).write(_tensor_bytes(group.index_select(0, rows)))
-                        if scale is not None:
-                            next(h).write(_tensor_bytes(scale.index_select(0, rows)))
-                for handle in handles:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            finally:
-                for handle in handles:
-                    handle.close()
-            raw = json.dumps({"ids": ids, "metadata": meta}, ensure_ascii=False).encode("utf-8")
-            _write_file(self.path / f"{name}.items.json", raw)
-            manifest["segments"].append(
-                {"name": name, "count": len(ids), "items_bytes": len(raw), "items_crc32": zlib.crc32(raw)}
-            )
-        self._commit(manifest)
+            written = f"seg-{manifest['generation']:08d}-{secrets.token_hex(4)}"
+            manifest["segments"].append(self._write_merged(written, merged))
+        self._commit(manifest, written=written)
         self._remove_orphans()
+
+    def _verify_mapped(self, segment: Segment, entry: dict[str, Any]) -> None:
+        crcs = entry.get("crc32", {})
+        for (suffix, _, _), mapped in zip(self._vector_files(entry), segment.files, strict=True):
+            if suffix in crcs and mapped.crc32() != crcs[suffix]:
+                raise IndexFormatError(
+                    f"{mapped.path} fails its checksum: the file is corrupt; compaction refused to rewrite it "
+                    "(metaembed index verify lists every damaged file)"
+                )
+
+    def _write_merged(self, name: str, merged: Sequence[Segment]) -> dict[str, Any]:
+        """Write the live rows of ``merged`` as segment ``name``; its manifest entry. Removes its files on failure."""
+        ids: list[str] = []
+        meta: list[dict[str, Any] | None] = []
+        suffixes = [suffix for suffix, _, _ in self._vector_files({"count": 0})]
+        crcs = dict.fromkeys(suffixes, 0)
+        handles = []
+        try:
+            for suffix in suffixes:
+                handles.append(open(self.path / f"{name}.{suffix}", "wb"))  # noqa: SIM115
+            for segment in merged:
+                rows = torch.nonzero(segment.live).flatten()
+                if rows.numel() == 0:
+                    continue
+                ids.extend(segment.ids[r] for r in rows.tolist())
+                meta.extend(segment.metadata[r] for r in rows.tolist())
+                parts = [t for pair in zip(segment.groups, segment.scales, strict=True) for t in pair if t is not None]
+                for suffix, handle, part in zip(suffixes, handles, parts, strict=True):
+                    data = tensor_bytes(part.index_select(0, rows))
+                    handle.write(data)
+                    crcs[suffix] = zlib.crc32(data, crcs[suffix])
+            for handle in handles:
+                handle.flush()
+                os.fsync(handle.fileno())
+            for handle in handles:
+                handle.close()
+            return self._write_items(name, ids, meta, crcs)
+        except BaseException:
+            for handle in handles:
+                with contextlib.suppress(OSError):
+                    handle.close()
+            self._remove_segment(name)
+            raise
 
     # ------------------------------------------------------------------ reads
 
@@ -582,9 +768,11 @@ class EmbeddedIndex:
         self._check_open()
         if self.read_only:
             self.refresh()
+        self._check_mapped(self._segments)
 
+    @_guarded_read
+    @_storage("read")
     def get(self, ids: Sequence[str]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        self._auto_refresh()
         ids = check_ids(ids)
         unknown = [i for i in ids if i not in self._where]
         if unknown:
@@ -600,6 +788,8 @@ class EmbeddedIndex:
                     values = values * scale[row, :, None]
                 out[j, self.bounds[i] : self.bounds[i + 1]] = values
             meta.append(segment.metadata[row] or {})
+        if not torch.isfinite(out).all():
+            raise IndexFormatError(f"{self.path} holds non-finite values for {ids[:5]}: a vector file is corrupt")
         return out, meta
 
     def _groups_for(self, segment: Segment, budget: Budget, rows: slice | torch.Tensor):
@@ -623,8 +813,18 @@ class EmbeddedIndex:
         from metaembed.index.kernels import maxsim_grouped
 
         groups, scales = self._groups_for(segment, budget, rows)
-        return maxsim_grouped(queries, groups, budget, scales if self.dtype == "int8" else None)
+        scores = maxsim_grouped(queries, groups, budget, scales if self.dtype == "int8" else None)
+        # stored vectors and queries are finite (both checked on the way in), so a non-finite score means
+        # bytes changed on disk: report it, never rank by it
+        if not torch.isfinite(scores).all():
+            raise IndexFormatError(
+                f"{self.path / segment.name}.* holds non-finite values (scores are NaN or infinite): a vector file is "
+                "corrupt, or its values overflow float32; metaembed index verify lists damaged files"
+            )
+        return scores
 
+    @_guarded_read
+    @_storage("search")
     def search(
         self,
         queries: torch.Tensor,
@@ -634,7 +834,6 @@ class EmbeddedIndex:
         two_stage: bool = False,
         candidates: int | None = None,
     ) -> SearchResults:
-        self._auto_refresh()
         if is_auto(budget):  # "auto" or an AutoBudget: a cheap budget, escalated per query when unsure
             from metaembed.index.adaptive import auto_search
 
@@ -701,13 +900,58 @@ class EmbeddedIndex:
 
     # ------------------------------------------------------------------ housekeeping
 
+    @classmethod
+    def verify(cls, path: str | os.PathLike[str]) -> tuple[list[str], int]:
+        """Read every file an index's manifest names and check its size and CRC-32; ``(problems, files checked)``.
+
+        Works on a damaged index (it never maps or opens it for search), so every problem is listed, not just
+        the first. Segments written before per-file checksums have their sizes checked only.
+        """
+        root = Path(path)
+        try:
+            if not (root / MANIFEST).exists():
+                raise IndexNotFoundError(f"{root} holds no metaembed index (no {MANIFEST} file)")
+            manifest = cls._read_manifest(root)
+            problems, checked = [], 0
+            for seg in manifest["segments"]:
+                crcs = {**seg.get("crc32", {}), "items.json": seg["items_crc32"]}
+                for name, size in cls._segment_files(manifest, seg):
+                    checked += 1
+                    problem = cls._verify_file(root / name, size, crcs.get(name.split(".", 1)[1]))
+                    if problem:
+                        problems.append(f"{name}: {problem}")
+            return problems, checked
+        except OSError as error:
+            if isinstance(error, MetaEmbedError):
+                raise
+            raise storage_error(error, f"verify the index at {root}") from error
+
+    @staticmethod
+    def _verify_file(path: Path, size: int, crc: int | None) -> str | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "missing"
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_size != size:
+            return f"{st.st_size} bytes, the manifest says {size} (truncated or foreign)"
+        if crc is not None and crc32_file(path) != crc:
+            return "fails its checksum (corrupt)"
+        return None
+
     @property
     def segments(self) -> list[Segment]:
         return self._segments
 
+    @_storage("read")
     def stats(self) -> dict[str, Any]:
         self._auto_refresh()
-        on_disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        on_disk = 0
+        for entry in self.path.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a compaction in another process may remove it meanwhile
+                st = entry.stat()
+                on_disk += st.st_size if stat.S_ISREG(st.st_mode) else 0
         return {
             "backend": self.backend,
             "path": str(self.path),
