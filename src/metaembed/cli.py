@@ -18,6 +18,7 @@ from metaembed.errors import MetaEmbedError
 COMMAND_MODULES = (
     "metaembed.demo",
     "metaembed.index.cli",
+    "metaembed.search",
     "metaembed.bench.cli",
     "metaembed.train.cli",
     "metaembed.eval.cli",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from metaembed.budget import Budget
 from metaembed.model.config import MetaEmbedConfig
 
@@ -66,3 +69,31 @@ def _readout(config: MetaEmbedConfig) -> str:
         f"baseline pooling `{config.pooling}` ({config.vectors('query')} query and "
         f"{config.vectors('candidate')} candidate vectors, no Meta Tokens)"
     )
+
+
+def read_quality(directory: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
+    """The measured quality per budget from a checkpoint's model card: ``{"4x8": {"test-split P@1": 0.11}}``.
+
+    The card's budget table is the only place a checkpoint records it; columns after bytes and FLOPs are
+    metrics. A checkpoint without a card, or whose table has no metric columns, gives ``{}``.
+    """
+    card = Path(directory) / "README.md"
+    if not card.is_file():
+        return {}
+    rows = [line.strip() for line in card.read_text(encoding="utf-8").splitlines() if line.strip().startswith("|")]
+    if not rows or not rows[0].startswith("| budget |"):
+        return {}
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    metrics = header[3:]
+    quality: dict[str, dict[str, float]] = {}
+    for row in rows[2:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        values = {}
+        for name, cell in zip(metrics, cells[3:], strict=False):
+            try:
+                values[name] = float(cell.replace(",", ""))
+            except ValueError:
+                continue  # "–": not measured at this budget
+        if values:
+            quality[cells[0]] = values
+    return quality
