@@ -6,10 +6,10 @@ import json
 import pytest
 
 from metaembed import Budget
-from metaembed.bench.scoring import BenchError, index_bytes, profile_scoring
+from metaembed.bench.scoring import BenchError, index_bytes, percentile, profile_scoring
 from metaembed.cli import main
 
-KEYS = {"budget", "flops", "latency_ms", "latency_ms_std", "index_bytes", "roofline_ms"}
+KEYS = {"budget", "flops", "latency_ms", "latency_ms_std", "latency_ms_p99", "index_bytes", "roofline_ms"}
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +37,18 @@ def test_scoring_json_has_the_keys_and_consistent_values(capsys, dtype, value_by
         assert row["flops"] == 2 * n * budget.r_q * budget.r_c * dim
         assert row["index_bytes"] == n * budget.r_c * (dim * value_bytes + scale_bytes)
         assert row["latency_ms"] > 0 and row["latency_ms_std"] >= 0 and row["roofline_ms"] > 0
+        assert row["latency_ms_p99"] >= row["latency_ms"]
         assert row["ratio"] == pytest.approx(row["latency_ms"] / row["roofline_ms"])
         assert row["batch_latency_ms"] == pytest.approx(row["latency_ms"] * 3, rel=0.5)
+
+
+def test_percentile_matches_numpy():
+    import numpy as np
+
+    values = np.random.default_rng(0).exponential(size=37).tolist()
+    for q in (0, 25, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+    assert percentile([3.0], 99) == 3.0
 
 
 def test_scoring_budget_subset_and_table_output(capsys):

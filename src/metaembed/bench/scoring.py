@@ -6,7 +6,8 @@ budget reads only the bytes it needs, through the same kernel the index uses
 (:func:`metaembed.index.kernels.maxsim_grouped`). Per query:
 
 * ``flops`` = 2·N·r_q·r_c·D;
-* ``latency_ms`` = batch time / batch size, median over ``repeats`` runs (``latency_ms_std`` its std);
+* ``latency_ms`` = batch time / batch size, median over ``repeats`` runs (``latency_ms_std`` its std,
+  ``latency_ms_p99`` its 99th percentile; with ``queries=1`` these are one query's latency distribution);
 * ``index_bytes`` = N·r_c·D·bytes per value (+ N·r_c·4 bytes of fp32 scales for int8);
 * ``roofline_ms`` = max(batch FLOPs / GEMM peak, index bytes / bandwidth) / batch size, with both
   ceilings measured in the same process (:mod:`metaembed.bench.ceilings`): a batch streams the index once;
@@ -43,6 +44,7 @@ class ScoringRow:
     flops: int
     latency_ms: float
     latency_ms_std: float
+    latency_ms_p99: float
     index_bytes: int
     roofline_ms: float
     ratio: float
@@ -132,6 +134,15 @@ def time_ms(fn: Callable[[], object], repeats: int, device: torch.device | None 
     return times
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, linearly interpolated (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    lo = math.floor(position)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
+
+
 def profile_scoring(
     dim: int,
     n: int,
@@ -196,6 +207,7 @@ def profile_scoring(
                 flops=flops,
                 latency_ms=latency,
                 latency_ms_std=statistics.stdev(per_query) if len(per_query) > 1 else 0.0,
+                latency_ms_p99=percentile(per_query, 99),
                 index_bytes=nbytes,
                 roofline_ms=roofline,
                 ratio=latency / roofline,
