@@ -122,7 +122,8 @@ def test_escalation_stops_at_the_first_level_whose_margin_reaches_the_threshold(
     assert [round(m, 6) for m, _ in walk] == [0.0, 0.1, 0.05, 0.5, math.inf]
     assert [o.bytes_read for _, o in walk] == [0, 12, 36, 84, 276]
     for threshold, level in ((0.0, 0), (0.1, 1), (0.3, 3), (0.6, 4)):
-        outcome = escalate(AutoBudget(threshold, top_m=3), torch.arange(4), table[Budget(1, 1)], score,
-                           lambda b: b.r_c, k=1)  # fmt: skip
+        outcome = escalate(
+            AutoBudget(threshold, top_m=3), torch.arange(4), table[Budget(1, 1)], score, lambda b: b.r_c, k=1
+        )
         assert outcome.escalations == level and outcome.budget == Budget.LADDER[level]
         assert outcome.rows.tolist() == [0]

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "metaembed.eval.cli",
     "metaembed.data.cli",
     "metaembed.serve.cli",
+    "metaembed.plan.cli",
 )
 
 

@@ -26,7 +26,7 @@ def serve_model(tiny_backbone):
 
 @pytest.fixture
 def make_client(serve_model):
-    """``make_client(index=None, **config)`` → a started TestClient; closed (worker stopped) after the test."""
+    """``make_client(index=None, quality=None, **config)`` → a started TestClient, closed after the test."""
     from fastapi.testclient import TestClient
 
     from metaembed.serve import ServeConfig, create_app
@@ -43,3 +43,37 @@ def make_client(serve_model):
     yield build
     for client in clients:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def live_server(serve_model):
+    """``live_server(index=None, quality=None, **config)`` → the base URL of a uvicorn server on 127.0.0.1."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from metaembed.serve import ServeConfig, create_app
+
+    running = []
+
+    def start(index=None, **config):
+        app = create_app(serve_model, index, ServeConfig(**config))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        running.append((server, thread))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(10)

@@ -38,10 +38,23 @@ def test_documents_default_to_all_candidate_vectors_and_int_budget_counts_vector
     np.testing.assert_allclose(three["data"][0]["embedding"], full["data"][0]["embedding"][:3], atol=1e-6)
 
 
-def test_base64_is_float16_with_shape(make_client, serve_model):
+def test_base64_is_little_endian_float32_flattened_with_the_shape_beside_it(make_client, serve_model):
     client = make_client()
     body = client.post(
         "/v1/embeddings", json={"input": ["hello"], "input_type": "query", "encoding_format": "base64"}
+    ).json()
+    item = body["data"][0]
+    assert item["dtype"] == "float32" and item["shape"] == [16, 64]
+    flat = np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
+    want = serve_model.encode_queries(["hello"])[0].numpy()
+    assert flat.shape == (16 * 64,)
+    np.testing.assert_allclose(flat.reshape(item["shape"]), want, atol=1e-6)
+
+
+def test_base64_float16_only_when_asked_for_by_name(make_client, serve_model):
+    client = make_client()
+    body = client.post(
+        "/v1/embeddings", json={"input": ["hello"], "input_type": "query", "encoding_format": "base64_float16"}
     ).json()
     item = body["data"][0]
     assert item["dtype"] == "float16" and item["shape"] == [16, 64]

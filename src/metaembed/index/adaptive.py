@@ -9,6 +9,7 @@ per query, the budget it ended at, how many times it escalated and the candidate
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,13 @@ def resolve_policy(store: EmbeddedIndex, budget: AutoBudget | str) -> AutoBudget
 
 def item_bytes(store: EmbeddedIndex, budgets: list[Budget]) -> dict[Budget, int]:
     """Candidate-vector bytes one item costs at each of ``budgets`` (int8: with its scales)."""
-    sizes = budget_bytes(1, store.dim, store.dtype, budgets, store.num_vectors)
+    return _item_bytes(store.dim, store.dtype, store.num_vectors, tuple(budgets))
+
+
+@functools.cache
+def _item_bytes(dim: int, dtype: str, num_vectors: int, budgets: tuple[Budget, ...]) -> dict[Budget, int]:
+    # cached: a search over a short candidate list must not spend its time re-deriving these
+    sizes = budget_bytes(1, dim, dtype, budgets, num_vectors)
     return {Budget.parse(name): size for name, size in sizes.items()}
 
 
@@ -60,8 +67,15 @@ def auto_search(
 ) -> AutoSearchResults:
     """Top ``k`` per query under the ``auto`` policy (see the module docstring)."""
     policy = resolve_policy(store, budget)
-    check_search(queries, policy.ceiling, k, dim=store.dim, num_vectors=store.num_vectors,
-                 two_stage=two_stage, candidates=candidates)  # fmt: skip
+    check_search(
+        queries,
+        policy.ceiling,
+        k,
+        dim=store.dim,
+        num_vectors=store.num_vectors,
+        two_stage=two_stage,
+        candidates=candidates,
+    )
     policy.validate(queries.shape[1], store.num_vectors)
     queries = queries.detach().cpu()
     keep = max(policy.top_m, k)
@@ -88,6 +102,8 @@ def rescorer(
     from metaembed.index.two_stage import score_slots
 
     def score(budget: Budget, slots: torch.Tensor) -> torch.Tensor:
+        if len(segments) == 1:  # slots are the segment's rows: no mapping, scores come back aligned
+            return store.score_rows(query, budget, segments[0], slots)[0]
         # score_slots reads rows in storage order; put the scores back in the order asked for
         order = torch.argsort(slots)
         scored, _ = score_slots(store, query, budget, segments, offsets, slots[order].numpy())
@@ -137,9 +153,14 @@ def _escalate_all(store, queries, policy, k, scores, slots, offsets, segments, s
 
 def _empty(nq: int, policy: AutoBudget) -> AutoSearchResults:
     return AutoSearchResults(
-        ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)],
-        budgets=[str(policy.cheap)] * nq, escalations=[0] * nq, bytes_read=[0] * nq, policy=policy,
-    )  # fmt: skip
+        ids=[[] for _ in range(nq)],
+        scores=torch.empty(nq, 0),
+        metadata=[[] for _ in range(nq)],
+        budgets=[str(policy.cheap)] * nq,
+        escalations=[0] * nq,
+        bytes_read=[0] * nq,
+        policy=policy,
+    )
 
 
 __all__ = ["AutoSearchResults", "auto_search", "item_bytes", "rerank_slots", "rescorer", "resolve_policy"]

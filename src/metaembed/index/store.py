@@ -164,6 +164,7 @@ def _guarded_read(method):
     def wrapper(self, *args, **kwargs):
         self._auto_refresh()
         segments = self._segments
+        self._check_mapped(segments)
         result = method(self, *args, **kwargs)
         self._check_mapped(segments)
         return result
@@ -768,7 +769,6 @@ class EmbeddedIndex:
         self._check_open()
         if self.read_only:
             self.refresh()
-        self._check_mapped(self._segments)
 
     @_guarded_read
     @_storage("read")

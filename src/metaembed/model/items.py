@@ -58,12 +58,33 @@ def load_image(source: Image.Image | str | os.PathLike, where: str) -> Image.Ima
         )
     if image.mode == "RGB":
         return image
+    if image.mode.startswith(("I", "F")):
+        image = _wide_to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # transparent clip art and icons: composite on white, as they are shown, not on black
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _wide_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image scaled to 8 bits (Pillow's own convert clips at 255).
+
+    ``I;16*`` holds 16-bit samples (0-65535). ``I`` and ``F`` say nothing about their range, so it is read from
+    the values: floats within [0, 1] are the unit range, values up to 255 are already 8-bit, larger ones are
+    16-bit samples (what 16-bit PNG and TIFF decoders produce); anything outside is clipped to that range.
+    """
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        full = 65535.0
+    else:
+        peak = float(np.nanmax(values)) if values.size else 0.0
+        full = 1.0 if image.mode == "F" and peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+    scaled = np.clip(np.nan_to_num(values, nan=0.0) * (255.0 / full), 0, 255)
+    return Image.fromarray(np.round(scaled).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def check_text(text: str, where: str) -> str:

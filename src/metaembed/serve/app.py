@@ -1,18 +1,22 @@
-"""The FastAPI application: routes, error envelope, body limit, metrics.
+"""The FastAPI application: routes, error envelope, body limit, admission control, metrics.
 
 Every handler is a plain ``def`` (FastAPI runs it in a worker thread), parses and checks its input,
 hands encode work to the :class:`~metaembed.serve.batcher.EncodeBatcher` and waits for it with a
-deadline. Errors use OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``; anything a
-request can cause is a 4xx, and an unexpected failure is a logged 500 without internals in the body.
+deadline. Requests are admitted per lane before they take a thread (:mod:`metaembed.serve.middleware`).
+Errors use OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``; anything a request can
+cause is a 4xx, and a server-side failure is logged with its details while the body says what happened
+without internals (no server paths, no tracebacks).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -22,7 +26,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,14 +41,18 @@ from metaembed.serve.errors import (
     EncodeTimeoutError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     ServeError,
+    error_response,
 )
 from metaembed.serve.inputs import check_text, to_item
 from metaembed.serve.metrics import Metrics
+from metaembed.serve.middleware import ENCODE, LIGHT, WRITE, Admission, CatchAll
 from metaembed.serve.security import check_bearer
 
 log = logging.getLogger(__name__)
 
+BASE64_DTYPES = {"base64": ("float32", "<f4"), "base64_float16": ("float16", "<f2")}
 MAX_ID_CHARS = 512
 MAX_METADATA_DEPTH = 32  # nesting levels of one metadata object (responses must serialise it back)
 MAX_METADATA_BYTES = 65_536  # one metadata object as JSON
@@ -73,25 +81,17 @@ BEARER = HTTPBearer(auto_error=False, description="the server's API key (METAEMB
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 
 
-class ErrorJSON(JSONResponse):
-    """Error bodies are ASCII-escaped JSON, so even a message quoting broken Unicode renders."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def error_response(status: int, message: str, error_type: str, param: str | None = None, headers=None) -> ErrorJSON:
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    return ErrorJSON(body, status_code=status, headers=headers)
-
-
 class _RWLock:
-    """Many concurrent searches, one writer at a time (writers wait for running searches)."""
+    """Many concurrent searches, one writer at a time (writers wait for running searches).
+
+    A waiting writer holds back new searches, so a steady stream of searches cannot starve an index write.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writing = False
+        self._writers_waiting = 0
 
     def read(self):
         return _Held(self, write=False)
@@ -107,10 +107,12 @@ class _Held:
     def __enter__(self) -> None:
         with self.lock._cond:
             if self.write:
+                self.lock._writers_waiting += 1
                 self.lock._cond.wait_for(lambda: not self.lock._writing and self.lock._readers == 0)
+                self.lock._writers_waiting -= 1
                 self.lock._writing = True
             else:
-                self.lock._cond.wait_for(lambda: not self.lock._writing)
+                self.lock._cond.wait_for(lambda: not self.lock._writing and self.lock._writers_waiting == 0)
                 self.lock._readers += 1
 
     def __exit__(self, *exc) -> None:
@@ -197,7 +199,8 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         import anyio.to_thread
 
-        anyio.to_thread.current_default_thread_limiter().total_tokens = max(64, config.queue_size // 2)
+        # every admission lane below its limit finds a thread at once (plus a margin for FastAPI's own work)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = config.thread_limit
         try:
             yield
         finally:
@@ -218,6 +221,12 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
     )
     app.state.batcher, app.state.config, app.state.index, app.state.metrics = batcher, config, index, metrics
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(
+        Admission,
+        limits={ENCODE: config.max_encode_requests, WRITE: config.max_write_requests, LIGHT: config.max_light_requests},
+        lanes={"/v1/embeddings": ENCODE, "/v1/search": ENCODE, "/v1/index/add": WRITE, "/v1/index/delete": WRITE},
+        authorize=lambda header: check_bearer(header, config.api_key),
+    )
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -233,6 +242,8 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
             metrics.requests.labels(path, str(status)).inc()
             metrics.latency.labels(path).observe(time.perf_counter() - start)
 
+    app.add_middleware(CatchAll)  # outermost of ours: inside it every exception becomes an answer
+
     # -------------------------------------------------------------------------------- errors
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, error: ServeError):
@@ -244,9 +255,13 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(MetaEmbedError)
     async def metaembed_error(request: Request, error: MetaEmbedError):
         status, error_type, param = _classify(error)
+        message = str(error)
         if status >= 500:
             log.error("index or model error on %s %s: %s", request.method, request.url.path, error)
-        return error_response(status, str(error), error_type, param)
+            message = _public_message(error)
+        elif index is not None and getattr(index, "path", None) is not None:
+            message = message.replace(str(index.path), "<index>")  # bodies never show where the server keeps it
+        return error_response(status, message, error_type, param)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
@@ -259,11 +274,6 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         return error_response(error.status_code, str(error.detail), "invalid_request_error", headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-        return error_response(500, "internal server error (logged on the server)", "server_error")
 
     # ------------------------------------------------------------------------------- helpers
     def parse_items(values: Sequence[str | schemas.InputItem], what: str) -> list[Item]:
@@ -278,8 +288,8 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
                 items.append(to_item(value.text, value.image, where, config))
         return items
 
-    def encode(items: list[Item], side: str) -> Encoded:
-        future = batcher.submit(items, side)
+    def encode(items: list[Item], side: str, *, urgent: bool = False) -> Encoded:
+        future = batcher.submit(items, side, urgent=urgent)
         try:
             return future.result(timeout=config.request_timeout_s)
         except FutureTimeout:
@@ -292,6 +302,12 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
         if index is None:
             raise NotFoundError("this server has no index (start it with --index PATH)")
         return index
+
+    def require_writable_index():
+        store = require_index()
+        if getattr(store, "read_only", False):
+            raise PermissionDeniedError("index writes are disabled: this server serves its index read-only")
+        return store
 
     # ------------------------------------------------------------------------------- routes
     @app.post("/v1/embeddings", response_model=schemas.EmbeddingsResponse, responses=ERROR_RESPONSES)
@@ -307,10 +323,11 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
         encoded = encode(parse_items(values, "input"), side)
         data = []
         for i, vectors in enumerate(encoded.embeddings[:, :keep]):
-            if body.encoding_format == "base64":
-                blob = vectors.numpy().astype("<f2").tobytes()
-                embedding: Any = base64.b64encode(blob).decode("ascii")
-                dtype = "float16"
+            if body.encoding_format in BASE64_DTYPES:
+                # what OpenAI clients decode: the r × D matrix flattened row by row, little-endian (float32 unless
+                # float16 was asked for by name); the shape is in its own field
+                dtype, numpy_dtype = BASE64_DTYPES[body.encoding_format]
+                embedding: Any = base64.b64encode(vectors.numpy().astype(numpy_dtype).tobytes()).decode("ascii")
             else:
                 embedding, dtype = vectors.tolist(), "float32"
             data.append(schemas.EmbeddingObject(index=i, embedding=embedding, shape=[keep, dim], dtype=dtype))
@@ -356,7 +373,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
     def index_add(body: schemas.AddRequest, credentials: Credentials) -> schemas.AddResponse:
         """Encode items as candidates and add them under ``ids`` (``upsert`` replaces existing ids). Needs the key."""
         _authorize(credentials, config.api_key)
-        store = require_index()
+        store = require_writable_index()
         if len(body.ids) != len(body.items):
             raise BadRequestError(f"{len(body.items)} items but {len(body.ids)} ids; send one id per item", "ids")
         if body.metadata is not None and len(body.metadata) != len(body.items):
@@ -366,7 +383,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
             )
         ids = _check_ids(body.ids)
         metadata = _check_metadata(body.metadata)
-        embeddings = encode(parse_items(body.items, "items"), "candidate").embeddings
+        embeddings = encode(parse_items(body.items, "items"), "candidate", urgent=True).embeddings
         with index_lock.write():
             if body.upsert:
                 store.upsert(ids, embeddings, metadata=metadata)
@@ -379,7 +396,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
     def index_delete(body: schemas.DeleteRequest, credentials: Credentials) -> schemas.DeleteResponse:
         """Delete items by id; unknown ids are refused (404) and nothing is deleted. Needs the key."""
         _authorize(credentials, config.api_key)
-        store = require_index()
+        store = require_writable_index()
         ids = _check_ids(body.ids)
         with index_lock.write():
             store.delete(ids)
@@ -397,7 +414,9 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
             num_candidate_vectors=n_candidate,
             index_size=None if index is None else len(index),
             queue_depth=batcher.depth,
-            index_writes_enabled=config.api_key is not None and index is not None,
+            index_writes_enabled=config.api_key is not None
+            and index is not None
+            and not getattr(index, "read_only", False),
         )
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -487,14 +506,7 @@ def _depth(value: Any) -> int:
 
 def _classify(error: MetaEmbedError) -> tuple[int, str, str | None]:
     """HTTP status, error type and param for an error raised by the model or the index."""
-    from metaembed.index.base import (
-        DuplicateIdError,
-        IndexError_,
-        IndexFormatError,
-        IndexLockedError,
-        ReadOnlyIndexError,
-        UnknownIdError,
-    )
+    from metaembed.index.base import DuplicateIdError, IndexError_, IndexFormatError, IndexStorageError, UnknownIdError
 
     if isinstance(error, UnknownIdError):
         return 404, "not_found", "ids"
@@ -502,11 +514,27 @@ def _classify(error: MetaEmbedError) -> tuple[int, str, str | None]:
         return 409, "conflict", "ids"
     if isinstance(error, BudgetError):
         return 400, "invalid_request_error", "budget"
-    if isinstance(error, ReadOnlyIndexError | IndexLockedError):
-        return 503, "index_unavailable", None
+    if isinstance(error, IndexStorageError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507, "insufficient_storage", None
     if isinstance(error, IndexFormatError) or (isinstance(error, IndexError_) and not isinstance(error, ValueError)):
-        return 500, "server_error", None  # the server's own files, not the request
+        return 503, "index_unavailable", None  # the server's own files or locks, not the request
     return 400, "invalid_request_error", None
+
+
+def _public_message(error: MetaEmbedError) -> str:
+    """What a client may read about a server-side failure: what happened, never where (paths stay in the log)."""
+    from metaembed.index.base import IndexFormatError, IndexLockedError, IndexStorageError, ReadOnlyIndexError
+
+    if isinstance(error, IndexFormatError):
+        return "the index's files are damaged or changed under the server; the server log names the file"
+    if isinstance(error, IndexStorageError):
+        reason = os.strerror(error.errno) if error.errno else "an I/O error"
+        return f"the index's storage failed ({reason}); nothing was written by this request"
+    if isinstance(error, ReadOnlyIndexError):
+        return "the index is read-only on this server"
+    if isinstance(error, IndexLockedError):
+        return "the index is held by another writer process; retry later"
+    return "internal server error (logged on the server)"
 
 
 def _search(store, queries, budget: Budget, k: int, two_stage: bool) -> list[schemas.SearchHit]:

@@ -3,7 +3,9 @@
 Requests put encode jobs on a bounded queue and wait on a future. The worker takes the first waiting
 job, then keeps collecting jobs of the same side for at most ``max_batch_wait_ms`` or until it holds
 ``max_batch_items`` items, and runs them through the model together (items sorted by size so little
-padding is wasted). A full queue is refused at once (503); a caller that waits too long gives up (504)
+padding is wasted). Urgent jobs (keyed index writes) are taken before any waiting bulk job, so a flood of
+embeddings requests delays a write by a batch or two at most. A full queue is refused at once (503); a caller that
+waits too long gives up (504)
 and its job is skipped if the worker has not started it. If a merged batch fails, each job is re-run on
 its own, so one bad request cannot fail the others; a job that still fails with a ValueError/TypeError
 from preprocessing is reported as a 400 for that request only.
@@ -12,6 +14,7 @@ from preprocessing is reported as a 400 for that request only.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -46,6 +49,9 @@ class _Job:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+URGENT, BULK, STOP = 0, 1, 2  # queue priorities: the stop marker comes after every job already queued
+
+
 class EncodeBatcher:
     """A bounded queue in front of a single model-owning worker thread."""
 
@@ -64,7 +70,8 @@ class EncodeBatcher:
         self.max_batch_items = max_batch_items
         self.max_batch_wait_s = max_batch_wait_ms / 1000
         self.on_batch = on_batch
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue(maxsize=queue_size)
+        self._order = itertools.count()  # first come, first served within a priority
         self._pending: _Job | None = None  # a job taken from the queue that did not fit the last batch
         self._thread = threading.Thread(target=self._run, name="metaembed-encode", daemon=True)
         self._stopped = threading.Event()
@@ -74,13 +81,13 @@ class EncodeBatcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, items: Sequence[Item], side: Side) -> Future:
+    def submit(self, items: Sequence[Item], side: Side, *, urgent: bool = False) -> Future:
         """Queue items for encoding; the future resolves to :class:`Encoded` (or the error)."""
         if self._stopped.is_set():
             raise OverloadedError("the encoder is shutting down")
         job = _Job(items, side)
         try:
-            self._queue.put_nowait(job)
+            self._queue.put_nowait((URGENT if urgent else BULK, next(self._order), job))
         except queue.Full:
             raise OverloadedError(
                 f"the encode queue is full ({self._queue.maxsize} requests waiting); retry shortly"
@@ -90,7 +97,7 @@ class EncodeBatcher:
     def close(self, timeout: float = 10.0) -> None:
         self._stopped.set()
         with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
+            self._queue.put((STOP, next(self._order), None), timeout=timeout)
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------------------------ worker
@@ -98,7 +105,8 @@ class EncodeBatcher:
         if self._pending is not None:
             job, self._pending = self._pending, None
             return job
-        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+        _, _, job = self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+        return job
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)

@@ -15,6 +15,11 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", required=True, help="checkpoint directory written by save_pretrained")
     parser.add_argument("--index", help="index directory; created on first start if missing (omit for no search)")
+    parser.add_argument(
+        "--read-only",
+        action="store_true",
+        help="serve an existing index without writing to it (a read-only filesystem, or a writer elsewhere)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--image-dir", type=Path, help="directory whose files requests may name by relative path")
@@ -36,6 +41,12 @@ def register(subparsers) -> None:
     parser.add_argument("--max-items", type=int, default=64, help="items per request (default 64)")
     parser.add_argument("--queue-size", type=int, default=256, help="encode jobs waiting at most (default 256)")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may wait (default 30)")
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=64,
+        help="embeddings/search requests in progress at most; more get an immediate 503 (default 64)",
+    )
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
 
@@ -58,7 +69,9 @@ def build(args: argparse.Namespace):
         raise InputError(f"--image-dir {str(args.image_dir)!r} is not a directory")
     api_key = load_api_key(args.api_key_file)
     model = MetaEmbedModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
-    index = open_or_create_index(args.index, model, args.index_dtype) if args.index else None
+    if args.read_only and not args.index:
+        raise InputError("--read-only applies to an index: give --index PATH")
+    index = open_or_create_index(args.index, model, args.index_dtype, read_only=args.read_only) if args.index else None
     config = ServeConfig(
         image_dir=args.image_dir,
         api_key=api_key,
@@ -68,19 +81,23 @@ def build(args: argparse.Namespace):
         max_items=args.max_items,
         queue_size=args.queue_size,
         request_timeout_s=args.request_timeout,
+        max_encode_requests=args.max_concurrency,
         model_name=Path(args.model).name or str(args.model),
     )
     return create_app(model, index, config)
 
 
-def open_or_create_index(path: str | Path, model, dtype: str = "bf16"):
-    """Open the index at ``path``, or create an empty one sized for ``model`` (its D and R_c)."""
+def open_or_create_index(path: str | Path, model, dtype: str = "bf16", *, read_only: bool = False):
+    """Open the index at ``path``, or create an empty one sized for ``model`` (its D and R_c).
+
+    ``read_only`` opens an existing index as a reader (never created, never written, no writer lock).
+    """
     from metaembed.errors import InputError
     from metaembed.index import create_index, open_index
 
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        index = open_index(path)
+    if read_only or (path.exists() and any(path.iterdir())):
+        index = open_index(path, read_only=True) if read_only else open_index(path)
         dim, vectors = index.dim, index.num_vectors
         if (dim, vectors) != (model.embedding_dim, model.num_vectors("candidate")):
             index.close()

@@ -28,6 +28,11 @@ class ServeConfig:
         max_batch_wait_ms: how long the worker waits for more work before running a partial batch.
         queue_size: encode jobs waiting at most; a full queue answers 503.
         request_timeout_s: a request waiting longer than this for its encodings gets 504.
+        max_encode_requests: ``/v1/embeddings`` and ``/v1/search`` requests in progress at most; more get an
+            immediate 503 (before they take a thread or their body is read).
+        max_write_requests: keyed index writes in progress at most (their own lane: a flood of encode
+            requests never holds them up).
+        max_light_requests: other requests (``/health``, ``/metrics``, docs) in progress at most.
         model_name: the name echoed in responses (``model`` field).
     """
 
@@ -45,13 +50,28 @@ class ServeConfig:
     max_batch_wait_ms: float = 5.0
     queue_size: int = 256
     request_timeout_s: float = 30.0
+    max_encode_requests: int = 64
+    max_write_requests: int = 8
+    max_light_requests: int = 32
     model_name: str = "metaembed"
+
+    @property
+    def thread_limit(self) -> int:
+        """Worker threads the service needs so that every admitted request gets one at once."""
+        return self.max_encode_requests + self.max_write_requests + self.max_light_requests + 8
 
     def __post_init__(self) -> None:
         for name in ("max_items", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_k", "max_batch_items", "queue_size"):
+        for name in (
+            "max_k",
+            "max_batch_items",
+            "queue_size",
+            "max_encode_requests",
+            "max_write_requests",
+            "max_light_requests",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_aspect_ratio < 1:

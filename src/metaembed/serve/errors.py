@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import json
+from typing import Any, ClassVar
+
+from starlette.responses import JSONResponse
 
 from metaembed.errors import MetaEmbedError
+
+
+class ErrorJSON(JSONResponse):
+    """Error bodies are ASCII-escaped JSON, so even a message quoting broken Unicode renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None, headers=None) -> ErrorJSON:
+    """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    return ErrorJSON(body, status_code=status, headers=headers)
 
 
 class ServeError(MetaEmbedError):

@@ -103,7 +103,13 @@ def decode_image(data: bytes, where: str, config: ServeConfig) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        # Pillow refuses headers above its own limit (far above ours) while opening, before we can read the size
+        raise PayloadTooLargeError(
+            f"{where}: image is over {Image.MAX_IMAGE_PIXELS:,} pixels (by its header); at most "
+            f"{config.max_image_pixels:,}"
+        ) from None
+    except UnidentifiedImageError:
         raise BadRequestError(f"{where}: not an image (supported formats: {', '.join(IMAGE_FORMATS)})") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise BadRequestError(f"{where}: not a readable image: {error}") from None

@@ -33,6 +33,7 @@ class EmbeddingsRequest(BaseModel):
             "examples": [
                 {"input": ["a red bicycle", "two dogs on a beach"], "input_type": "query", "budget": "4x8"},
                 {"input": "quarterly revenue table", "encoding_format": "base64", "budget": 8},
+                {"input": "quarterly revenue table", "encoding_format": "base64_float16", "budget": 8},
             ]
         },
     )
@@ -45,8 +46,12 @@ class EmbeddingsRequest(BaseModel):
         None,
         description="vectors to return: 'R_QxR_C' (e.g. '4x8'; the side's half is used) or an int; default all",
     )
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="'float': r × D list of lists; 'base64': little-endian float16 bytes of shape [r, D]"
+    encoding_format: Literal["float", "base64", "base64_float16"] = Field(
+        "float",
+        description=(
+            "'float': r × D list of lists; 'base64': the r × D matrix flattened row by row as little-endian float32 "
+            "bytes (what OpenAI clients decode), its shape in 'shape'; 'base64_float16': the same as float16"
+        ),
     )
     dimensions: int | None = Field(None, description="must equal the model's dimension if given")
     user: str | None = None
@@ -56,7 +61,7 @@ class EmbeddingObject(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[list[float]] | str
-    shape: list[int] = Field(..., description="[r, D]")
+    shape: list[int] = Field(..., description="[r, D]: the matrix a base64 embedding reshapes to")
     dtype: Literal["float32", "float16"]
 
 
