@@ -5,13 +5,16 @@ MMR loss uncached and cached (GradCache, one item per chunk) in two set-ups:
 
 - ``ddp``: full fine-tuning, the loss module wrapped in DDP;
 - ``fsdp``: LoRA (random A and B, so every adapter tensor gets a gradient) with gradient checkpointing,
-  the model sharded by ``metaembed.train.strategy.shard_model``.
+  the model sharded by ``metaembed.train.strategy.shard_model``;
+- ``fsdp-bf16``: the same in bf16 — sharded: FSDP's bf16 weights and fp32 gradient reduction; one process:
+  bf16 autocast, as an unsharded run computes.
 
 Rank 0 writes, per set-up and mode, the loss (averaged over ranks) and the whole parameter gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 
@@ -20,7 +23,7 @@ import torch
 QUERIES = ["a red bicycle", "two dogs on a beach", "quarterly revenue table", "a cat on a chair"]
 POSITIVES = ["bike photo", "dogs running", "page 3 revenue", "cat sitting"]
 NEGATIVES = ["a car", "a horse", "page 9 costs", "a chair"]
-SETUPS = ("ddp", "fsdp")
+SETUPS = ("ddp", "fsdp", "fsdp-bf16")
 
 
 def build(backbone: str, setup: str = "ddp"):
@@ -29,7 +32,7 @@ def build(backbone: str, setup: str = "ddp"):
 
     torch.manual_seed(0)
     model = MetaEmbedModel.from_backbone(backbone)
-    if setup == "fsdp":
+    if setup.startswith("fsdp"):
         model.add_lora(r=4, alpha=8, dropout=0.0, init_lora_weights=False)
         model.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # gradient checkpointing acts in training mode only
@@ -63,7 +66,6 @@ def grads(model) -> dict[str, torch.Tensor]:
 def run(backbone: str, setup: str = "ddp", rank: int = 0, world: int = 1) -> dict:
     import torch.distributed as dist
 
-    from metaembed.train.gradcache import cached_loss_backward
     from metaembed.train.strategy import shard_model
 
     model, loss_fn = build(backbone, setup)
@@ -72,17 +74,13 @@ def run(backbone: str, setup: str = "ddp", rank: int = 0, world: int = 1) -> dic
         module = torch.nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=True)
         no_sync = module.no_sync
     elif world > 1:
-        shard_model(model, "cpu")
+        shard_model(model, "cpu", "bf16" if setup == "fsdp-bf16" else "no")
     out = {}
     for mode in ("uncached", "cached"):
         model.zero_grad(set_to_none=True)
-        if mode == "uncached":
-            loss = module(shard_batch(model, rank, world, None))
-            loss.backward()
-            loss = loss.detach()
-        else:
-            batch = shard_batch(model, rank, world, 1)
-            loss = cached_loss_backward(module, loss_fn, batch, device=torch.device("cpu"), no_sync=no_sync)
+        bf16_autocast = setup == "fsdp-bf16" and world == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast else contextlib.nullcontext():
+            loss = _loss_backward(module, loss_fn, model, mode, rank, world, no_sync)
         if world > 1:
             dist.all_reduce(loss)
             loss /= world
@@ -90,6 +88,17 @@ def run(backbone: str, setup: str = "ddp", rank: int = 0, world: int = 1) -> dic
     del module, model, loss_fn
     gc.collect()  # free DDP's reducer / FSDP's state (reference cycles) while the process group still exists
     return out
+
+
+def _loss_backward(module, loss_fn, model, mode: str, rank: int, world: int, no_sync) -> torch.Tensor:
+    from metaembed.train.gradcache import cached_loss_backward
+
+    if mode == "uncached":
+        loss = module(shard_batch(model, rank, world, None))
+        loss.backward()
+        return loss.detach()
+    batch = shard_batch(model, rank, world, 1)
+    return cached_loss_backward(module, loss_fn, batch, device=torch.device("cpu"), no_sync=no_sync)
 
 
 if __name__ == "__main__":

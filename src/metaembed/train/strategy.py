@@ -165,6 +165,11 @@ def shard_model(model: nn.Module, device_type: str, mixed_precision: str = "no")
             "Use train.strategy=ddp"
         )
     check_trainable_inside(model, layers)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise TrainConfigError(
+            "train.strategy=fsdp shards over the processes of a distributed launch, and this is a single process: "
+            "start it with torchrun --nproc-per-node N or accelerate launch (docs/train.md), or use train.strategy=ddp"
+        )
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
