@@ -33,8 +33,8 @@ def make_client(serve_model):
 
     clients = []
 
-    def build(index=None, model=None, **config):
-        app = create_app(model or serve_model, index, ServeConfig(**config))
+    def build(index=None, model=None, quality=None, **config):
+        app = create_app(model or serve_model, index, ServeConfig(**config), quality=quality)
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
@@ -58,8 +58,8 @@ def live_server(serve_model):
 
     running = []
 
-    def start(index=None, **config):
-        app = create_app(serve_model, index, ServeConfig(**config))
+    def start(index=None, quality=None, **config):
+        app = create_app(serve_model, index, ServeConfig(**config), quality=quality)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))

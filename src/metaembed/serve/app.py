@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metaembed.budget import Budget
 from metaembed.errors import BudgetError, MetaEmbedError
+from metaembed.index.cost import search_bytes
 from metaembed.model.items import Item
 from metaembed.serve import schemas
 from metaembed.serve.batcher import EncodeBatcher, Encoded
@@ -47,6 +48,7 @@ from metaembed.serve.errors import (
 )
 from metaembed.serve.inputs import check_text, to_item
 from metaembed.serve.metrics import Metrics
+from metaembed.serve.page import page_router
 from metaembed.serve.middleware import ENCODE, LIGHT, WRITE, Admission, CatchAll
 from metaembed.serve.security import check_bearer
 
@@ -172,10 +174,13 @@ class BodyLimit:
         await self.app(scope, replay_receive, send)
 
 
-def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
+def create_app(
+    model, index=None, config: ServeConfig | None = None, *, quality: dict[str, dict[str, float]] | None = None
+) -> FastAPI:
     """A FastAPI app serving ``model`` (a MetaEmbedModel) and ``index`` (an index, or ``None`` for none).
 
-    The app owns an encode worker thread, started now and stopped when the app shuts down.
+    The app owns an encode worker thread, started now and stopped when the app shuts down. ``quality`` (the
+    model card's table, :func:`metaembed.model.card.read_quality`) is shown per budget on the search page.
     """
     config = config or ServeConfig()
     model.eval()
@@ -362,6 +367,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
             k=body.k,
             two_stage=body.two_stage,
             model=config.model_name,
+            index_bytes_read=search_bytes(store, budget, two_stage=body.two_stage, k=body.k),
             timings=schemas.Timings(
                 encode_ms=(encoded_at - start) * 1000,
                 score_ms=(done - encoded_at) * 1000,
@@ -425,6 +431,7 @@ def create_app(model, index=None, config: ServeConfig | None = None) -> FastAPI:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    app.include_router(page_router(index, config, n_query=n_query, n_candidate=n_candidate, quality=quality or {}))
     return app
 
 
@@ -437,9 +444,7 @@ def _authorize(credentials, api_key: str | None) -> None:
 def _budget(spec, n_query: int, n_candidate: int) -> Budget:
     if spec is None:
         return Budget(n_query, n_candidate)
-    if isinstance(spec, int):
-        raise BudgetError(f"a search budget is 'R_QxR_C' like '4x8', got the int {spec}")
-    return Budget.parse(spec).validate(n_query, n_candidate)
+    return Budget.parse(spec).validate(n_query, n_candidate)  # the int N is NxN, as everywhere
 
 
 def _side_vectors(spec, side: str, n_query: int, n_candidate: int) -> int:

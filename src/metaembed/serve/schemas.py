@@ -84,7 +84,9 @@ class SearchRequest(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"query": "a red bicycle", "budget": "4x8", "k": 5}]}
     )
     query: Input = Field(..., description="text, or an item with text and/or image")
-    budget: BudgetSpec | None = Field(None, description="'R_QxR_C', e.g. '4x8'; default the full budget")
+    budget: BudgetSpec | None = Field(
+        None, description="'R_QxR_C', e.g. '4x8', or an int N for NxN; default the full budget"
+    )
     k: int = Field(10, ge=1, description="results to return")
     two_stage: bool = Field(False, description="coarse (1,1) candidates from the ANN index, then exact rerank")
 
@@ -109,6 +111,7 @@ class SearchResponse(BaseModel):
     two_stage: bool
     model: str
     timings: Timings
+    index_bytes_read: int = Field(..., description="bytes of candidate vectors the budget read (two-stage: reranked)")
 
 
 class AddRequest(BaseModel):
