@@ -60,7 +60,12 @@ def test_cli_table_json_image_and_errors(built, tiny_checkpoint, capsys):
     assert code == 0
     assert out.startswith("'a red square' at budget 4x8: top 2 of 4 items")
     assert "encode" in out and "scoring" in out and "read 8,192 B" in out
-    assert "rank     score  id" in out and "a red square" in out.splitlines()[-2] + out.splitlines()[-1]
+    rows = [line.split() for line in out.splitlines()[out.splitlines().index("") + 2 :]]
+    assert [row[0] for row in rows] == ["1", "2"]
+    code, same, _ = run(capsys, "search", index_path, "a red square", *model, "--budget", "4x8", "-k", "2", "--json")
+    results = json.loads(same)["results"]
+    assert [row[2] for row in rows] == [hit["id"] for hit in results]  # the table shows what the search found
+    assert [" ".join(row[3:]) for row in rows] == [hit["metadata"]["caption"] for hit in results]
     code, out, _ = run(capsys, "search", index_path, "--image", items / "blue.png", *model, "-k", "1", "--json")
     body = json.loads(out)
     assert code == 0 and body["query"] == "blue.png" and body["budget"] == "16x64"
