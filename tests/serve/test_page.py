@@ -85,3 +85,17 @@ def test_thumbnails_only_for_indexed_images_under_the_image_dir(make_client, gal
     assert response.status_code == 403 and "outside" in response.json()["error"]["message"]
     off = make_client(index=index).get("/v1/thumbnail", params={"id": "red.png"})
     assert off.status_code == 404 and "--image-dir" in off.json()["error"]["message"]
+
+
+def test_metaembed_serve_shows_the_model_cards_quality(tiny_checkpoint, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from metaembed import MetaEmbedModel
+    from metaembed.cli import build_parser
+    from metaembed.serve.cli import build
+
+    checkpoint = MetaEmbedModel.from_pretrained(tiny_checkpoint).save_pretrained(tmp_path / "m", quality=QUALITY)
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--index", str(tmp_path / "ix")])
+    with TestClient(build(args)) as client:
+        budgets = {b["budget"]: b["quality"] for b in client.get("/v1/budgets").json()["budgets"]}
+    assert budgets["1x1"] == {"P@1": 0.25} and budgets["4x8"] == {"P@1": 0.5} and budgets["16x64"] == {}

@@ -57,6 +57,7 @@ def build(args: argparse.Namespace):
 
     from metaembed.errors import InputError
     from metaembed.model import MetaEmbedModel
+    from metaembed.model.card import read_quality
     from metaembed.serve.app import create_app
     from metaembed.serve.config import ServeConfig
     from metaembed.serve.security import load_api_key
@@ -84,7 +85,7 @@ def build(args: argparse.Namespace):
         max_encode_requests=args.max_concurrency,
         model_name=Path(args.model).name or str(args.model),
     )
-    return create_app(model, index, config)
+    return create_app(model, index, config, quality=read_quality(args.model))  # the page shows it per budget
 
 
 def open_or_create_index(path: str | Path, model, dtype: str = "bf16", *, read_only: bool = False):
