@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from metaembed.native import load_library
+
 # Query vectors per call the kernel takes (its limit). Scoring uses it up to MAX_QUERY_VECTORS_FAST (one
 # query): a batch of queries is a real GEMM, and oneDNN's blocked kernels are as fast or faster there (32
 # queries at 1x1 / 2x4: equal within 10%; benchmarks/maxsim_roofline.py, docs/kernels.md).
@@ -34,14 +36,8 @@ _i64 = ctypes.c_int64
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec("metaembed._fused_maxsim")
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
-        return None
-    if not lib.metaembed_fused_supported():
+    lib = load_library("metaembed._fused_maxsim")
+    if lib is None or not lib.metaembed_fused_supported():
         return None
     lib.metaembed_maxsim_bf16.restype = ctypes.c_int
     lib.metaembed_maxsim_bf16.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64]

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import threading
+
+from metaembed.native import load_library
 
 _lock = threading.Lock()
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec("metaembed._mapguard")
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
+    lib = load_library("metaembed._mapguard")
+    if lib is None:
         return None
     lib.metaembed_mapguard_install.restype = ctypes.c_int
     lib.metaembed_mapguard_add.restype = ctypes.c_int

@@ -44,8 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--max-concurrency",
         type=int,
-        default=64,
-        help="embeddings/search requests in progress at most; more get an immediate 503 (default 64)",
+        default=16,
+        help="embeddings/search requests in progress at most; more get an immediate 503 (default 16)",
     )
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)

@@ -50,7 +50,7 @@ class ServeConfig:
     max_batch_wait_ms: float = 5.0
     queue_size: int = 256
     request_timeout_s: float = 30.0
-    max_encode_requests: int = 64
+    max_encode_requests: int = 16
     max_write_requests: int = 8
     max_light_requests: int = 32
     model_name: str = "metaembed"
