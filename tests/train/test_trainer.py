@@ -116,6 +116,20 @@ def test_cli_trains_a_recipe_and_resume_without_checkpoint_fails(tiny_backbone, 
     assert [row["step"] for row in log][-1] == 3
 
 
+def test_a_recipe_starts_from_its_base(tmp_path):
+    three, seven = (
+        load_recipe(RECIPE.with_name("metaembed-3b.yaml")),
+        load_recipe(RECIPE.with_name("metaembed-7b.yaml")),
+    )
+    assert three.model.backbone == "Qwen/Qwen2.5-VL-3B-Instruct" and three.train.strategy == "ddp"
+    assert three.data.datasets == seven.data.datasets and three.loss == seven.loss and three.lora == seven.lora
+    assert (three.train.batch_size, three.train.learning_rate) == (seven.train.batch_size, seven.train.learning_rate)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(MetaEmbedError, match="names itself as a base"):
+        load_recipe(tmp_path / "a.yaml")
+
+
 def test_yaml_no_means_no_mixed_precision():
     assert load_recipe(RECIPE, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
