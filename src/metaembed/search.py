@@ -42,6 +42,7 @@ class Found:
     index_bytes_read: int
     index_size: int
     quality: dict[str, float] = field(default_factory=dict)  # the model card's numbers at this budget
+    escalations: int | None = None  # budget "auto": rescorings above the cheap budget (None: a fixed budget)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -76,12 +77,17 @@ def search(
     candidates: int | None = None,
     label: str | None = None,
     quality: dict[str, dict[str, float]] | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
 ) -> Found:
     """Encode ``query`` (text, image path, PIL image or ``{"text", "image"}``) and search ``index`` at ``budget``.
 
-    ``budget`` defaults to the full one the model and index allow. ``quality`` (the model card's table, see
-    :func:`metaembed.model.card.read_quality`) is copied into the result for that budget.
+    ``budget`` defaults to the full one the model and index allow; ``"auto"`` (or an AutoBudget) is the
+    calibrated per-query budget stored beside the index, else in ``model_dir``, and the result names the budget
+    the query ended at. ``quality`` (the model card's table, see :func:`metaembed.model.card.read_quality`) is
+    copied into the result for that budget.
     """
+    from metaembed.auto_budget import is_auto
+    from metaembed.index.adaptive import resolve_policy
     from metaembed.index.cost import search_bytes
 
     if (index.dim, index.num_vectors) != (model.embedding_dim, model.num_vectors("candidate")):
@@ -90,13 +96,20 @@ def search(
             f"{model.num_vectors('candidate')} of dimension {model.embedding_dim}: search with the model that built it"
         )
     n_query = model.num_vectors("query")
+    auto = resolve_policy(index, budget, model_dir).validate(n_query, index.num_vectors) if is_auto(budget) else None
+    if auto is not None:
+        budget = auto.ceiling  # encode every query vector the policy may use
     budget = Budget(n_query, index.num_vectors) if budget is None else Budget.parse(budget)
     budget.validate(n_query, index.num_vectors)
     start = time.perf_counter()
     queries = model.encode_queries([query], show_progress_bar=False)[:, : budget.r_q]
     encoded = time.perf_counter()
-    results = index.search(queries, budget, k, two_stage=two_stage, candidates=candidates)
+    results = index.search(queries, auto or budget, k, two_stage=two_stage, candidates=candidates)
     done = time.perf_counter()
+    if auto is not None:
+        budget, read = Budget.parse(results.budgets[0]), results.bytes_read[0]
+    else:
+        read = search_bytes(index, budget, two_stage=two_stage, candidates=candidates, k=k)
     hits = [
         Hit(rank, item_id, round(float(score), 6), meta or {})
         for rank, (item_id, score, meta) in enumerate(
@@ -111,9 +124,10 @@ def search(
         results=hits,
         encode_ms=(encoded - start) * 1000,
         score_ms=(done - encoded) * 1000,
-        index_bytes_read=search_bytes(index, budget, two_stage=two_stage, candidates=candidates, k=k),
+        index_bytes_read=read,
         index_size=len(index),
         quality=(quality or {}).get(str(budget), {}),
+        escalations=results.escalations[0] if auto is not None else None,
     )
 
 
@@ -129,7 +143,8 @@ def describe(metadata: dict[str, Any], width: int = 72) -> str:
 
 def render(found: Found) -> str:
     lines = [
-        f"{found.query!r} at budget {found.budget}{' (two-stage)' if found.two_stage else ''}: "
+        f"{found.query!r} at budget {found.budget}{' (two-stage)' if found.two_stage else ''}"
+        f"{'' if found.escalations is None else f' (auto, {found.escalations} escalation(s))'}: "
         f"top {len(found.results)} of {found.index_size:,} items",
         f"encode {found.encode_ms:.1f} ms · scoring {found.score_ms:.1f} ms · "
         f"read {found.index_bytes_read:,} B ({found.index_bytes_read / 2**20:.2f} MiB) of candidate vectors",
@@ -153,7 +168,11 @@ def register(subparsers) -> None:
     parser.add_argument("query", nargs="?", help="words to search for (with --image: text that goes with it)")
     parser.add_argument("--image", help="an image file as the query")
     parser.add_argument("--model", required=True, help="checkpoint directory: the model that built the index")
-    parser.add_argument("--budget", help="r_q x r_c, e.g. 4x8, or N for NxN (default: all vectors)")
+    parser.add_argument(
+        "--budget",
+        help="r_q x r_c, e.g. 4x8, N for NxN, or auto (the calibrated per-query budget stored with the index or "
+        "model) (default: all vectors)",
+    )
     parser.add_argument("-k", type=int, default=10, help="results (default 10)")
     parser.add_argument("--two-stage", action="store_true", help="ANN on the (1,1) vectors, then exact rerank")
     parser.add_argument("--candidates", type=int, help="coarse candidates for --two-stage (default max(10k, 100))")
@@ -178,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         model = MetaEmbedModel.from_pretrained(args.model).eval()
         found = search(
             index, model, query, args.budget, args.k, two_stage=args.two_stage, candidates=args.candidates,
-            label=label, quality=read_quality(args.model),
+            label=label, quality=read_quality(args.model), model_dir=args.model,
         )  # fmt: skip
     if args.json:
         json.dump(found.as_dict(), sys.stdout, ensure_ascii=False)

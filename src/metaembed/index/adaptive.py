@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from metaembed.auto_budget import AutoBudget, Outcome, escalate
+from metaembed.auto_budget import AutoBudget, AutoBudgetError, Outcome, escalate
 from metaembed.budget import Budget
 from metaembed.index.base import SearchResults, budget_bytes, check_search
 
@@ -38,10 +39,20 @@ class AutoSearchResults(SearchResults):
     def escalated_fraction(self) -> float:
         return sum(e > 0 for e in self.escalations) / len(self.escalations) if self.escalations else 0.0
 
+    def per_query(self) -> list[dict[str, object]]:
+        """Per query: the budget it ended at, its escalations and the candidate-vector bytes it read."""
+        return [
+            {"budget": b, "escalations": e, "bytes_read": r}
+            for b, e, r in zip(self.budgets, self.escalations, self.bytes_read, strict=True)
+        ]
 
-def resolve_policy(store: EmbeddedIndex, budget: AutoBudget | str) -> AutoBudget:
-    """An AutoBudget as given, or for ``"auto"`` the policy stored beside the index."""
-    return budget if isinstance(budget, AutoBudget) else AutoBudget.find(store.path)
+
+def resolve_policy(store: Any, budget: AutoBudget | str, *fallback: str | os.PathLike[str] | None) -> AutoBudget:
+    """An AutoBudget as given; for ``"auto"`` the policy stored beside the index, else in a ``fallback`` folder
+    (the model's). Only the embedded index runs ``auto``."""
+    if getattr(store, "backend", None) != "embedded":
+        raise AutoBudgetError(f'budget "auto" runs on the embedded index, not on {getattr(store, "backend", store)!r}')
+    return budget if isinstance(budget, AutoBudget) else AutoBudget.find(store.path, *fallback)
 
 
 def item_bytes(store: EmbeddedIndex, budgets: list[Budget]) -> dict[Budget, int]:

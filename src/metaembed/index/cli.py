@@ -209,18 +209,27 @@ def _search(args: argparse.Namespace) -> int:
     queries = load_embeddings(args.queries, args.key)
     with _open(args, read_only=True) as index:
         results = index.search(queries, args.budget, k=args.k, two_stage=args.two_stage, candidates=args.candidates)
+    # budget "auto": each query's final budget, escalations and bytes read
+    costs = results.per_query() if hasattr(results, "per_query") else [{}] * len(results.ids)
     if args.json:
         out = [
-            {"query": i, "ids": ids, "scores": [round(float(s), 6) for s in scores], "metadata": meta}
-            for i, (ids, scores, meta) in enumerate(
-                zip(results.ids, results.scores.tolist(), results.metadata or [[]] * len(results.ids), strict=True)
+            {"query": i, "ids": ids, "scores": [round(float(s), 6) for s in scores], "metadata": meta, **cost}
+            for i, (ids, scores, meta, cost) in enumerate(
+                zip(
+                    results.ids,
+                    results.scores.tolist(),
+                    results.metadata or [[]] * len(results.ids),
+                    costs,
+                    strict=True,
+                )
             )
         ]
         json.dump(out, sys.stdout, ensure_ascii=False, allow_nan=False)
         print()
         return 0
-    for i, (ids, scores) in enumerate(zip(results.ids, results.scores.tolist(), strict=True)):
-        print(f"{Path(args.queries).name}[{i}]:")
+    for i, (ids, scores, cost) in enumerate(zip(results.ids, results.scores.tolist(), costs, strict=True)):
+        spent = f" budget {cost['budget']}, {cost['bytes_read']:,} B read" if cost else ""
+        print(f"{Path(args.queries).name}[{i}]:{spent}")
         for rank, (item_id, score) in enumerate(zip(ids, scores, strict=True), 1):
             print(f"  {rank:>3}. {score:10.4f}  {item_id}")
     return 0
@@ -295,7 +304,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(search)
     search.add_argument("--queries", required=True, help="(nq, R_q, D) query embeddings: .npy or .safetensors")
     search.add_argument("--key", help="tensor name inside a .safetensors file")
-    search.add_argument("--budget", required=True, help="r_q x r_c, e.g. 16x64")
+    search.add_argument("--budget", required=True, help="r_q x r_c, e.g. 16x64, or auto (the index's policy)")
     search.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     search.add_argument("--two-stage", action="store_true", help="ANN on the (1,1) vectors, then exact rerank")
     search.add_argument("--candidates", type=int, help="coarse candidates per query for --two-stage")

@@ -30,8 +30,10 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from metaembed.auto_budget import AutoBudget, is_auto
 from metaembed.budget import Budget
 from metaembed.errors import BudgetError, MetaEmbedError
+from metaembed.index.adaptive import resolve_policy
 from metaembed.index.cost import search_bytes
 from metaembed.model.items import Item
 from metaembed.serve import schemas
@@ -48,8 +50,8 @@ from metaembed.serve.errors import (
 )
 from metaembed.serve.inputs import check_text, to_item
 from metaembed.serve.metrics import Metrics
-from metaembed.serve.page import page_router
 from metaembed.serve.middleware import ENCODE, LIGHT, WRITE, Admission, CatchAll
+from metaembed.serve.page import page_router
 from metaembed.serve.security import check_bearer
 
 log = logging.getLogger(__name__)
@@ -350,7 +352,8 @@ def create_app(
         """Encode the query, score it against the index at ``budget`` with MaxSim, return the top ``k``."""
         start = time.perf_counter()
         store = require_index()
-        budget = _budget(body.budget, n_query, n_candidate)
+        auto = resolve_policy(store, body.budget) if is_auto(body.budget) else None
+        budget = auto.validate(n_query, n_candidate).ceiling if auto else _budget(body.budget, n_query, n_candidate)
         if body.k > config.max_k:
             raise BadRequestError(f"k={body.k}: at most {config.max_k}", "k")
         items = parse_items([body.query], "query")
@@ -359,15 +362,17 @@ def create_app(
         queries = encoded.embeddings[:, : budget.r_q]
         # Two-stage search builds / extends the in-memory ANN graph on demand: one at a time.
         with index_lock.read(), two_stage_lock if body.two_stage else contextlib.nullcontext():
-            found = _search(store, queries, budget, body.k, body.two_stage)
+            found, results = _search(store, queries, auto or budget, body.k, body.two_stage)
         done = time.perf_counter()
+        read = results.bytes_read[0] if auto else search_bytes(store, budget, two_stage=body.two_stage, k=body.k)
         return schemas.SearchResponse(
             results=found,
-            budget=str(budget),
+            budget=results.budgets[0] if auto else str(budget),
             k=body.k,
             two_stage=body.two_stage,
             model=config.model_name,
-            index_bytes_read=search_bytes(store, budget, two_stage=body.two_stage, k=body.k),
+            index_bytes_read=read,
+            auto=schemas.AutoBudgetInfo.of(auto, results.escalations[0]) if auto else None,
             timings=schemas.Timings(
                 encode_ms=(encoded_at - start) * 1000,
                 score_ms=(done - encoded_at) * 1000,
@@ -542,7 +547,8 @@ def _public_message(error: MetaEmbedError) -> str:
     return "internal server error (logged on the server)"
 
 
-def _search(store, queries, budget: Budget, k: int, two_stage: bool) -> list[schemas.SearchHit]:
+def _search(store, queries, budget: Budget | AutoBudget, k: int, two_stage: bool):
+    """The hits of the one query, and the index's results (an auto search's say what it cost)."""
     try:
         results = store.search(queries, budget, k, two_stage=two_stage)
     except ModuleNotFoundError as error:
@@ -552,11 +558,12 @@ def _search(store, queries, budget: Budget, k: int, two_stage: bool) -> list[sch
     ids = results.ids[0] if results.ids else []
     scores = results.scores[0].tolist() if len(results.ids) else []
     metadata = results.metadata[0] if results.metadata else [None] * len(ids)
-    return [
+    hits = [
         schemas.SearchHit(id=str(item_id), score=float(score), metadata=meta or None)
         for item_id, score, meta in zip(ids, scores, metadata, strict=True)
         if math.isfinite(score)
     ]
+    return hits, results
 
 
 def _version() -> str:

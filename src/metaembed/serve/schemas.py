@@ -85,7 +85,9 @@ class SearchRequest(BaseModel):
     )
     query: Input = Field(..., description="text, or an item with text and/or image")
     budget: BudgetSpec | None = Field(
-        None, description="'R_QxR_C', e.g. '4x8', or an int N for NxN; default the full budget"
+        None,
+        description="'R_QxR_C', e.g. '4x8', an int N for NxN, or 'auto' (the index's calibrated per-query budget: "
+        "cheap first, escalated only when the ranking is unsure); default the full budget",
     )
     k: int = Field(10, ge=1, description="results to return")
     two_stage: bool = Field(False, description="coarse (1,1) candidates from the ANN index, then exact rerank")
@@ -103,15 +105,37 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class AutoBudgetInfo(BaseModel):
+    """How a ``budget="auto"`` search went: the policy and how far this query climbed."""
+
+    cheap: str
+    ceiling: str
+    threshold: float | None = Field(..., description="normalised margin below which a query escalates (null = inf)")
+    top_m: int
+    escalations: int = Field(..., description="rescorings at a larger budget (0: the cheap budget was sure)")
+
+    @classmethod
+    def of(cls, policy: Any, escalations: int) -> AutoBudgetInfo:
+        threshold = policy.threshold if policy.threshold != float("inf") else None
+        return cls(
+            cheap=str(policy.cheap),
+            ceiling=str(policy.ceiling),
+            threshold=threshold,
+            top_m=policy.top_m,
+            escalations=escalations,
+        )
+
+
 class SearchResponse(BaseModel):
     object: Literal["search.result"] = "search.result"
     results: list[SearchHit]
-    budget: str
+    budget: str = Field(..., description="the budget the results were scored at (auto: where the query ended)")
     k: int
     two_stage: bool
     model: str
     timings: Timings
     index_bytes_read: int = Field(..., description="bytes of candidate vectors the budget read (two-stage: reranked)")
+    auto: AutoBudgetInfo | None = Field(None, description="set when the request asked for budget 'auto'")
 
 
 class AddRequest(BaseModel):
