@@ -170,10 +170,14 @@ class AutoBudget:
 
 def normalised_margin(scores: torch.Tensor, budget: Budget, margin_rank: int) -> float:
     """``(s₁ − s_k) / r_q`` over a query's candidate scores, k = ``margin_rank`` (inf with one candidate)."""
-    if scores.numel() < 2:
+    return _margin(scores.topk(min(margin_rank, scores.numel())).values, budget, margin_rank)
+
+
+def _margin(descending: torch.Tensor, budget: Budget, margin_rank: int) -> float:
+    """The normalised margin from scores sorted best first (at least the first ``margin_rank`` of them)."""
+    if descending.numel() < 2:
         return math.inf
-    top = scores.topk(min(margin_rank, scores.numel())).values
-    return float(top[0] - top[-1]) / budget.r_q
+    return float(descending[0] - descending[min(margin_rank, descending.numel()) - 1]) / budget.r_q
 
 
 @dataclass
@@ -211,15 +215,18 @@ def levels(
     """
     steps = policy.steps()
     keep = max(policy.top_m, k)
+    # one stable sort per level serves the results, the margin and the next shortlist (calls, not FLOPs, are
+    # what a short candidate list costs)
+    ranked, order = torch.sort(scores, descending=True, stable=True)
     for level, budget in enumerate(steps):
         if level:
-            rows = rows[scores.topk(min(keep, scores.numel())).indices]
+            rows = rows[order[:keep]]
             scores = score_rows(budget, rows)
             bytes_read += rows.numel() * item_bytes(budget)
-        order = torch.sort(scores, descending=True, stable=True).indices[: min(k, scores.numel())]
-        outcome = Outcome(rows[order], scores[order], budget, level, bytes_read)
+            ranked, order = torch.sort(scores, descending=True, stable=True)
+        outcome = Outcome(rows[order[:k]], ranked[:k], budget, level, bytes_read)
         last = level + 1 == len(steps)
-        yield (math.inf if last else normalised_margin(scores, budget, policy.margin_rank)), outcome
+        yield (math.inf if last else _margin(ranked, budget, policy.margin_rank)), outcome
 
 
 def escalate(

@@ -5,7 +5,7 @@ query is ranked among its own candidates (the MMEB protocol, gold first, ties ag
 :func:`metaembed.index.adaptive.rerank_slots` — at every fixed ladder budget (a policy whose ladder is that
 one budget, so fixed and ``auto`` run the same code) and under the policy. Per query and setting it records
 whether the gold is first, the candidate-vector bytes read and the wall time (median of ``repeats`` runs,
-the settings interleaved so they share the machine's load).
+the settings interleaved, in a rotating order, so they share the machine's load and its caches).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def evaluate_policy(
         raise ValueError(f"repeats must be ≥ 1, got {repeats}")
     budgets = [b for b in Budget.LADDER if b.r_q <= policy.ceiling.r_q and b.r_c <= policy.ceiling.r_c]
     settings = {str(b): fixed_policy(b, k) for b in budgets} | {AUTO: policy}
+    names = list(settings)
     started = machine()
     root = Path(workdir)
     per_task, pooled = [], {name: {"bytes": 0.0, "ms": 0.0, "queries": 0} for name in settings}
@@ -89,8 +90,11 @@ def evaluate_policy(
                 query = task.queries[int(task.query_of[record])][None]
                 times: dict[str, list[float]] = {name: [] for name in settings}
                 outcomes = {}
-                for _ in range(repeats):
-                    for name, setting in settings.items():
+                for repeat in range(repeats):
+                    # rotate which setting goes first: none always finds the query's rows warm from another
+                    shift = (record + repeat) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        setting = settings[name]
                         start = time.perf_counter()
                         outcomes[name] = rerank_slots(index, query, slots, setting, k)
                         times[name].append((time.perf_counter() - start) * 1000)
