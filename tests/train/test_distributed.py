@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,19 +19,9 @@ def reference(tiny_backbone):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tiny_backbone, tmp_path_factory):
+def two_processes(tiny_backbone, run_processes, tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo") / "rank0.pt"
-    # PYTHONFAULTHANDLER: a worker that aborts in C++ prints where Python was (it was at exit, see ddp_worker)
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run(
-        [*command, str(WORKER), str(tiny_backbone("qwen2_vl")), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_processes([str(WORKER), str(tiny_backbone("qwen2_vl")), str(out)])
     return torch.load(out, weights_only=True)  # plain dicts of tensors: no unpickling of code
 
 

@@ -139,3 +139,10 @@ def test_the_estimate_names_what_it_cannot_size():
         RunShape.from_recipe(load_recipe(RECIPES / "metaembed-7b.yaml", ["lora.enabled=false"]), 512)
     with pytest.raises(MetaEmbedError, match="strategy must be ddp or fsdp"):
         estimate(RunShape.from_recipe(load_recipe(RECIPES / "metaembed-7b.yaml"), 512), "zero3", 8)
+
+
+def test_the_table_in_the_docs_is_what_the_benchmark_prints():
+    import runpy
+
+    benchmark = runpy.run_path(str(RECIPES.parent / "benchmarks" / "train_memory.py"))
+    assert benchmark["table"](8, 512, 16) in (RECIPES.parent / "docs" / "train.md").read_text()

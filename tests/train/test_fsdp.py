@@ -5,9 +5,7 @@ and encodes identically. Plus the errors for set-ups FSDP does not take."""
 from __future__ import annotations
 
 import json
-import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,14 +24,12 @@ ROOT = Path(__file__).parents[2]
 CPU_CONFIG = ROOT / "recipes" / "accelerate" / "cpu-2-processes.yaml"
 
 
-def _env() -> dict[str, str]:
-    # PYTHONFAULTHANDLER: a worker that aborts in C++ prints where Python was
-    return {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+def _free_port() -> int:
+    import socket
 
-
-def _run(command: list[str]) -> None:
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +38,21 @@ def worker():
 
 
 @pytest.fixture(scope="module")
-def launched(tiny_backbone, worker, tmp_path_factory) -> Path:
+def launched(tiny_backbone, worker, run_processes, tmp_path_factory) -> Path:
     """The uninterrupted run: ``accelerate launch`` with the 2-process CPU config, through the CLI."""
     out = tmp_path_factory.mktemp("launched")
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
+    accelerate += ["--main_process_port", str(_free_port())]  # not the config's 29500: other runs may hold it
     overrides = worker["overrides"](str(tiny_backbone("qwen2_vl")), out)
-    _run([*accelerate, "-m", "metaembed.cli", "train", str(worker["RECIPE"]), *overrides, "--quiet"])
+    run_processes(["-m", "metaembed.cli", "train", str(worker["RECIPE"]), *overrides, "--quiet"], accelerate)
     return out
 
 
 @pytest.fixture(scope="module")
-def resumed(tiny_backbone, tmp_path_factory) -> tuple[Path, dict]:
+def resumed(tiny_backbone, run_processes, tmp_path_factory) -> tuple[Path, dict]:
     """The same recipe stopped after 2 steps and resumed (torchrun), and what the worker measured."""
     out = tmp_path_factory.mktemp("resumed")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    _run([*torchrun, str(WORKER), str(tiny_backbone("qwen2_vl")), str(out / "run"), str(out / "result.pt")])
+    run_processes([str(WORKER), str(tiny_backbone("qwen2_vl")), str(out / "run"), str(out / "result.pt")])
     return out / "run", torch.load(out / "result.pt", weights_only=True)
 
 

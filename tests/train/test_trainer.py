@@ -135,17 +135,9 @@ def test_yaml_no_means_no_mixed_precision():
 
 
 @pytest.mark.slow
-def test_trainer_under_torchrun_two_processes(tiny_backbone, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+def test_trainer_under_torchrun_two_processes(tiny_backbone, run_processes, tmp_path):
     args = ["-m", "metaembed.cli", "train", str(RECIPE), f"model.backbone={tiny_backbone('qwen2_vl')}"]
-    args += [f"train.output_dir={tmp_path}", "train.max_steps=4", "train.save_steps=2", "--quiet"]
-    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_processes([*args, f"train.output_dir={tmp_path}", "train.max_steps=4", "train.save_steps=2", "--quiet"])
     assert sorted(p.name for p in (tmp_path / "checkpoint-4").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
     assert MetaEmbedModel.from_pretrained(tmp_path / "final").config.lora is not None
 
