@@ -150,8 +150,9 @@ def shard_model(model: nn.Module, device_type: str, mixed_precision: str = "no")
     each decoder layer is a unit, the model the root. Call it before building the optimizer (sharding
     replaces every parameter object with a DTensor shard).
 
-    The model is the root so that ``model(batch, side)`` and ``model.encode_*`` gather what they use. Under
-    ``bf16`` the gathered weights and the gradients are bf16, and gradients are reduced in fp32.
+    The model is the root so that ``model(batch, side)`` and ``model.encode_*`` gather what they use; each
+    call is a collective, so every rank makes the same calls (encodes as many batches). Under ``bf16`` the
+    gathered weights and the gradients are bf16 (FSDP's policy, instead of autocast), reduced in fp32.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
