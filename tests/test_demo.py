@@ -37,8 +37,10 @@ def test_demo_indexes_the_test_split_and_reports_every_budget(tiny_model, tmp_pa
             "--index-dir", str(tmp_path / "index"), "--dtype", "fp32", "--json", str(tmp_path / "result.json"),
             "--plot", str(tmp_path / "plot.png"), "--compare"]  # fmt: skip
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "| toy_t2i | 6 | 16x64 |" in out and "| 1x1 |" in out
+    assert "1 tasks, 10 queries and candidates to encode: about 1 min" in out and "done in" in out
+    assert "encode query" in err and "encode candidate" in err  # progress bars even without a terminal
     assert (tmp_path / "plot.png").stat().st_size > 0 and (tmp_path / "index" / "toy_t2i").is_dir()
 
     result = json.loads((tmp_path / "result.json").read_text())

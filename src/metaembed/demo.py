@@ -10,10 +10,13 @@ that overlays the baselines' stored results (same protocol, see docs/results.md)
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL = "models/metaembed-mini"
 DEFAULT_SOURCES = ("openclipart", "emoji")
+ITEMS_PER_SECOND = 12  # mini encodes on a 2-core CPU shared with other work (docs/results.md); quiet: more
 DEFAULT_BASELINES = (  # trained with the shipped model's recipe, only loss.variant changed (docs/results.md)
     "docs/results/index-anchor-nommr-500.json",
     "docs/results/index-single-last-500.json",
@@ -56,11 +59,18 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise DatasetError(f"no built test split in {missing}; run `make data` (fetches and builds them) first")
     budgets = Budget.parse_many(args.budgets) if args.budgets else None
+    began = time.perf_counter()
     print(f"demo: loading {args.model}")
     model = MetaEmbedModel.from_pretrained(args.model)
     datasets = [d for folder in folders for d in load_datasets(folder)]
+    count = sum(len(set(d.queries)) + len({k for c in d.candidates for k in c}) for d in datasets)
+    print(
+        f"demo: {len(datasets)} tasks, {count:,} queries and candidates to encode: about "
+        f"{max(1, round(count / ITEMS_PER_SECOND / 60))} min on a 2-core CPU (a bar per encode shows what is left)",
+        flush=True,
+    )
     result = evaluate_index_retrieval(
-        model, datasets, args.index_dir, budgets, dtype=args.dtype, batch_size=args.batch_size,
+        ShowProgress(model), datasets, args.index_dir, budgets, dtype=args.dtype, batch_size=args.batch_size,
         model_name=args.label, progress=lambda line: print(f"demo: {line}", flush=True),
     )  # fmt: skip
     print(f"\n{args.label}: each query searches all of its task's test-split candidates ({args.dtype} index)\n")
@@ -85,4 +95,21 @@ def run(args: argparse.Namespace) -> int:
         others = [path for path in args.compare if Path(path).is_file()]
         plot = plot_results([result, *others], args.plot, title="Test-split retrieval: mean P@1 over tasks")
         print(f"demo: plot written to {plot} ({1 + len(others)} lines)")
+    print(f"demo: {args.label} done in {(time.perf_counter() - began) / 60:.1f} min")
     return 0
+
+
+class ShowProgress:
+    """The model with a progress bar on every encode — the demo's long steps — even when output is not a terminal."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def encode_queries(self, items, **kwargs):
+        return self._model.encode_queries(items, show_progress_bar=True, **kwargs)
+
+    def encode_candidates(self, items, **kwargs):
+        return self._model.encode_candidates(items, show_progress_bar=True, **kwargs)
