@@ -220,3 +220,35 @@ def test_threads_search_while_one_thread_writes(tmp_path):
         for t in threads:
             t.join()
     assert not errors, errors
+
+
+def test_a_search_holding_the_old_snapshot_sees_the_old_state_while_a_delete_commits(tmp_path):
+    """A delete swaps in a new snapshot; a search already scanning the old one must finish on the old masks."""
+    import threading
+
+    c = embeddings(10, 8, 4, seed=21)
+    with create_index(tmp_path / "ix", 4, 8, dtype="fp32") as ix:
+        ix.add([f"a{i}" for i in range(5)], c[:5])
+        ix.add([f"b{i}" for i in range(5)], c[5:])  # a second segment, scanned after the first
+        before = ix.search(c[:2, :2], "2x8", k=10)
+        first_segment, scanning, deleted = ix.segments[0], threading.Event(), threading.Event()
+        score_rows = ix.score_rows
+
+        def paused(queries, budget, segment, rows):
+            if segment is first_segment and not scanning.is_set():
+                scanning.set()  # the search has its snapshot and is part-way through it
+                assert deleted.wait(30)
+            return score_rows(queries, budget, segment, rows)
+
+        ix.score_rows = paused
+        found = []
+        search = threading.Thread(target=lambda: found.append(ix.search(c[:2, :2], "2x8", k=10)))
+        search.start()
+        assert scanning.wait(30)
+        ix.delete(["b0", "a1"])
+        deleted.set()
+        search.join(30)
+        assert found and found[0].ids == before.ids and "b0" in found[0].ids[0]
+        torch.testing.assert_close(found[0].scores, before.scores)
+        after = ix.search(c[:2, :2], "2x8", k=10)
+        assert all("b0" not in row and "a1" not in row and len(row) == 8 for row in after.ids)

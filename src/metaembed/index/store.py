@@ -19,6 +19,7 @@ One writer process at a time holds flock(2) on the directory itself (readers nev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -182,7 +183,7 @@ class Segment:
     metadata: list[dict[str, Any] | None]
     groups: list[torch.Tensor]
     scales: list[torch.Tensor | None]
-    live: torch.Tensor  # (count,) bool; False = tombstoned
+    live: torch.Tensor  # (count,) bool; False = tombstoned; never changed in place (a new Segment per snapshot)
     files: list[MappedFile] = field(default_factory=list)  # the mappings behind groups and scales
 
 
@@ -469,11 +470,12 @@ class EmbeddedIndex:
         for seg in manifest["segments"]:
             deleted = manifest["deleted"].get(seg["name"], [])
             if seg["name"] in old:
-                segment = old[seg["name"]]
-                live = torch.ones(segment.count, dtype=torch.bool)
+                # a new Segment with its own mask (copy-on-write): a search still holding the old snapshot keeps
+                # reading the old mask, so a delete never lands halfway through it
+                live = torch.ones(old[seg["name"]].count, dtype=torch.bool)
                 if deleted:
                     live[torch.tensor(deleted, dtype=torch.long)] = False
-                segment.live = live
+                segment = dataclasses.replace(old[seg["name"]], live=live)
             else:
                 segment = self._open_segment(seg, deleted)
             segments.append(segment)
