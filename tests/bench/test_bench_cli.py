@@ -99,3 +99,34 @@ def test_ceilings_command(capsys):
     assert main(["bench", "ceilings", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["bandwidth_gbs"] > 0 and data["peak_gflops"]["fp32"] > 0
+
+
+def test_without_queries_the_batch_is_sized_to_the_time_budget():
+    rows, _ = profile_scoring(8, 300, [Budget(1, 1), Budget(16, 64)], queries=None, seconds=1e-6, repeats=2)
+    assert [row.queries for row in rows] == [1, 1]  # no time at all: the smallest batch
+    rows, _ = profile_scoring(8, 300, [Budget(1, 1)], queries=None, seconds=1e4, repeats=2)
+    assert rows[0].queries == 1000  # plenty of time: the paper's batch, never more
+
+
+def test_json_carries_the_ceilings_the_table_prints(capsys):
+    rows = run_json(capsys, "--dim", "8", "--n", "50", "--budgets", "1x1 2x4", "--seconds", "0.2", "--repeats", "2")
+    ceilings = rows[0]["ceilings"]
+    assert set(ceilings) >= {"device", "threads", "bandwidth_gbs", "peak_gflops"} and ceilings["bandwidth_gbs"] > 0
+    assert rows[1]["ceilings"] == ceilings
+
+
+def test_defaults_are_cpu_sized_and_paper_is_explicit(monkeypatch, capsys):
+    from metaembed.bench import scoring
+    from metaembed.bench.ceilings import Ceilings
+
+    seen = []
+
+    def fake(dim, n, budgets, **kwargs):
+        seen.append((dim, n, kwargs["queries"], kwargs["repeats"]))
+        return [], Ceilings(device="cpu", threads=1, bandwidth_gbs=1.0, peak_gflops={"fp32": 1.0})
+
+    monkeypatch.setattr(scoring, "profile_scoring", fake)
+    assert main(["bench", "scoring"]) == 0
+    assert main(["bench", "scoring", "--paper"]) == 0
+    assert seen == [(384, 20_000, None, 10), (384, 100_000, 1000, 10)]
+    assert "done in" in capsys.readouterr().err

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
+
+CPU_N = 20_000  # a run of about a minute on a 2-core CPU, index generation included
+PAPER_N, PAPER_QUERIES = 100_000, 1_000  # Table 3: 100,000 candidates per query, a scoring batch of 1,000
 
 
 def register(subparsers) -> None:
@@ -16,13 +21,19 @@ def register(subparsers) -> None:
         "budget; report per-query FLOPs, latency (median, std over --repeats runs), index bytes, and the "
         "roofline measured in the same process.",
     )
-    scoring.add_argument("--dim", type=int, required=True, help="embedding dimension D")
-    scoring.add_argument("--n", type=int, required=True, help="number of candidates N")
+    scoring.add_argument("--dim", type=int, default=384, help="embedding dimension D (default 384, metaembed-mini's)")
+    scoring.add_argument("--n", type=int, help=f"number of candidates N (default {CPU_N:,}; --paper: {PAPER_N:,})")
     scoring.add_argument("--budgets", default=None, help='budgets, e.g. "1x1 4x8 16x64" (default: the ladder)')
     scoring.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16", "int8"], help="index dtype")
     scoring.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     scoring.add_argument(
-        "--queries", type=int, default=1000, help="scoring batch size (default 1,000 as in the paper; lower it on CPU)"
+        "--queries", type=int, help="scoring batch size (default: sized per budget to fit --seconds; --paper: 1,000)"
+    )
+    scoring.add_argument("--seconds", type=float, default=60.0, help="time for all timed runs without --queries")
+    scoring.add_argument(
+        "--paper",
+        action="store_true",
+        help=f"the paper's Table 3 setting: N={PAPER_N:,}, {PAPER_QUERIES:,} queries × 10 runs (30+ min on 2 cores)",
     )
     scoring.add_argument("--repeats", type=int, default=10, help="timed runs per budget (default 10)")
     scoring.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -53,21 +64,28 @@ def run_scoring(args: argparse.Namespace) -> int:
     from metaembed.budget import Budget
 
     _threads(args.threads)
+    began = time.perf_counter()
+    n = args.n if args.n is not None else PAPER_N if args.paper else CPU_N
+    queries = args.queries if args.queries is not None else PAPER_QUERIES if args.paper else None
     rows, ceilings = profile_scoring(
         args.dim,
-        args.n,
+        n,
         Budget.parse_many(args.budgets),
         dtype=args.dtype,
         device=args.device,
-        queries=args.queries,
+        queries=queries,
         repeats=args.repeats,
         seed=args.seed,
+        seconds=args.seconds,
+        progress=True,
     )
     if args.json:
-        print(json.dumps(rows_as_dicts(rows), indent=2))
+        print(json.dumps(rows_as_dicts(rows, ceilings), indent=2))
     else:
-        print(f"scoring {args.queries} queries × {args.n:,} candidates, D={args.dim}, {args.dtype}, {args.device}")
+        batches = ", ".join(f"{row.budget} {row.queries:,}" for row in rows)
+        print(f"scoring × {n:,} candidates, D={args.dim}, {args.dtype}, {args.device}; queries per batch: {batches}")
         print(markdown_table(rows, ceilings))
+    print(f"bench: done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return 0
 
 

@@ -16,10 +16,12 @@ budget reads only the bytes it needs, through the same kernel the index uses
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +32,8 @@ from metaembed.bench.ceilings import CeilingError, Ceilings, bytes_per_value, dt
 from metaembed.budget import Budget
 from metaembed.errors import MetaEmbedError
 
+MAX_QUERIES = 1000
+"""The paper's scoring batch (Table 3); the time-budgeted default never exceeds it."""
 GROUP_BOUNDS = (0, 1, 4, 8, 16, 64)
 """The index's default prefix groups: a budget r_c reads groups up to r_c."""
 
@@ -119,7 +123,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], repeats: int, device: torch.device | None = None) -> list[float]:
+def time_ms(
+    fn: Callable[[], object],
+    repeats: int,
+    device: torch.device | None = None,
+    on_run: Callable[[], object] | None = None,
+) -> list[float]:
     """Milliseconds of ``repeats`` calls of ``fn`` after one warm-up call (buffers, kernel selection)."""
     fn()
     if device is not None:
@@ -131,6 +140,8 @@ def time_ms(fn: Callable[[], object], repeats: int, device: torch.device | None 
         if device is not None:
             _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
+        if on_run is not None:
+            on_run()
     return times
 
 
@@ -150,19 +161,29 @@ def profile_scoring(
     *,
     dtype: str = "bf16",
     device: str = "cpu",
-    queries: int = 1000,
+    queries: int | None = 1000,
     repeats: int = 10,
     seed: int = 0,
     ceilings: Ceilings | None = None,
     memory_fraction: float = 0.7,
+    seconds: float = 60.0,
+    progress: bool = False,
 ) -> tuple[list[ScoringRow], Ceilings]:
-    """Time ``maxsim_grouped`` for a batch of ``queries`` at every budget; return the rows and the ceilings used."""
+    """Time ``maxsim_grouped`` for a batch of ``queries`` at every budget; return the rows and the ceilings used.
+
+    ``queries=None`` sizes the batch per budget so its timed runs take about ``seconds`` in all (one
+    calibration call with one query per budget, at most :data:`MAX_QUERIES`): a CPU-sized run whose
+    length does not depend on N and D. ``progress`` shows a bar over the timed runs on stderr.
+    """
     from metaembed.index.kernels import maxsim_grouped
 
     budgets = list(budgets or Budget.LADDER)
-    for name, value, low in (("dim", dim, 1), ("n", n, 1), ("queries", queries, 1), ("repeats", repeats, 1)):
+    checks = [("dim", dim, 1), ("n", n, 1), ("repeats", repeats, 1), ("queries", 1 if queries is None else queries, 1)]
+    for name, value, low in checks:
         if value < low:
             raise BenchError(f"--{name} must be at least {low}, got {value}")
+    if queries is None and not seconds > 0:
+        raise BenchError(f"--seconds must be positive, got {seconds}")
     try:
         name = dtype_name(dtype)
     except CeilingError as error:
@@ -176,7 +197,7 @@ def profile_scoring(
         raise BenchError(f"unknown device {device!r}; allowed: cpu, cuda")
     r_q_max = max(b.r_q for b in budgets)
     stored = stored_vectors(budgets)
-    need = n * stored * dim * bytes_per_value(name) + queries * r_q_max * dim * 4
+    need = n * stored * dim * bytes_per_value(name) + (queries or MAX_QUERIES) * r_q_max * dim * 4
     available = _available_bytes()
     if torch_device.type == "cpu" and available is not None and need > memory_fraction * available:
         raise BenchError(
@@ -184,22 +205,29 @@ def profile_scoring(
             f"more than {memory_fraction:.0%} of the {available / 2**30:.1f} GiB available; lower --n or "
             f"the largest budget's r_c"
         )
+    if progress:
+        batch = f"{queries:,} queries" if queries else f"queries sized to take about {seconds:g} s"
+        print(f"bench: generating {n:,} random candidates ({need / 2**30:.2f} GiB), then {batch}", file=sys.stderr)
     gen = torch.Generator().manual_seed(seed + 1)
-    query_vectors = torch.nn.functional.normalize(torch.randn(queries, r_q_max, dim, generator=gen), dim=-1)
-    query_vectors = query_vectors.to(torch_device)
+    all_queries = torch.randn(queries or MAX_QUERIES, r_q_max, dim, generator=gen)
+    all_queries = torch.nn.functional.normalize(all_queries, dim=-1).to(torch_device)
     groups, scales = random_groups(n, dim, stored, name, torch_device, seed)
     if ceilings is None:
         ceilings = measure(torch_device)
+    run_scales = scales if name == "int8" else None
     rows = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(budgets) * repeats, desc="bench scoring", unit="run", disable=not progress, mininterval=1)
     for budget in budgets:
-        run_scales = scales if name == "int8" else None
-        times = time_ms(
-            lambda b=budget, s=run_scales: maxsim_grouped(query_vectors, groups, b, s), repeats, torch_device
-        )
-        per_query = [t / queries for t in times]
+        score = functools.partial(maxsim_grouped, groups=groups, budget=budget, scales=run_scales)
+        batch = queries or _fit_queries(score, all_queries, seconds / len(budgets), repeats, torch_device)
+        bar.set_postfix_str(f"{budget}, {batch} queries")
+        times = time_ms(functools.partial(score, all_queries[:batch]), repeats, torch_device, on_run=bar.update)
+        per_query = [t / batch for t in times]
         flops = budget.flops(n, dim)
         nbytes = index_bytes(budget, n, dim, name)
-        roofline = ceilings.roofline_ms(flops * queries, nbytes, name) / queries
+        roofline = ceilings.roofline_ms(flops * batch, nbytes, name) / batch
         latency = statistics.median(per_query)
         rows.append(
             ScoringRow(
@@ -212,7 +240,7 @@ def profile_scoring(
                 roofline_ms=roofline,
                 ratio=latency / roofline,
                 batch_latency_ms=statistics.median(times),
-                queries=queries,
+                queries=batch,
                 n=n,
                 dim=dim,
                 dtype=name,
@@ -220,11 +248,23 @@ def profile_scoring(
                 repeats=repeats,
             )
         )
+    bar.close()
     return rows, ceilings
 
 
-def rows_as_dicts(rows: Sequence[ScoringRow]) -> list[dict]:
-    return [asdict(row) for row in rows]
+def _fit_queries(
+    score: Callable[[torch.Tensor], object], queries: torch.Tensor, seconds: float, repeats: int, device: torch.device
+) -> int:
+    """Queries per batch so that ``repeats`` timed runs take about ``seconds`` (from one timed 1-query call)."""
+    one = max(time_ms(functools.partial(score, queries[:1]), 1, device)[0] / 1e3, 1e-6)
+    # a batch amortises the index read, so per query it costs at most what one query alone does
+    return max(1, min(len(queries), int(seconds / (repeats * one))))
+
+
+def rows_as_dicts(rows: Sequence[ScoringRow], ceilings: Ceilings | None = None) -> list[dict]:
+    """The rows as JSON-able dicts; with ``ceilings``, each row also carries the ceilings it was compared to."""
+    extra = {} if ceilings is None else {"ceilings": ceilings.as_dict()}
+    return [{**asdict(row), **extra} for row in rows]
 
 
 def markdown_table(rows: Sequence[ScoringRow], ceilings: Ceilings) -> str:
