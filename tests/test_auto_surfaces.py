@@ -41,6 +41,13 @@ def _cheap_margin(index, queries: torch.Tensor, cheap: Budget) -> float:
     return float(top[0] - top[1]) / cheap.r_q
 
 
+def _from_body(body: dict, via: str) -> dict:
+    """The comparable part of a search answer in JSON (`metaembed search --json` and /v1/search share it)."""
+    hits = body["results"]
+    return {"ids": [h["id"] for h in hits], "scores": [h["score"] for h in hits], "budget": body["budget"],
+            "bytes": body["index_bytes_read"], "via": via}  # fmt: skip
+
+
 def _through_every_surface(index_path, model, tiny_checkpoint, capsys, tmp_path) -> list[dict]:
     """(ids, scores, final budget, bytes read) of QUERY at budget "auto" via each surface."""
     from fastapi.testclient import TestClient
@@ -76,16 +83,7 @@ def _through_every_surface(index_path, model, tiny_checkpoint, capsys, tmp_path)
         )
         == 0
     )
-    body = json.loads(capsys.readouterr().out)
-    out.append(
-        {
-            "ids": [h["id"] for h in body["results"]],
-            "scores": [h["score"] for h in body["results"]],
-            "budget": body["budget"],
-            "bytes": body["index_bytes_read"],
-            "via": "metaembed search",
-        }
-    )
+    out.append(_from_body(json.loads(capsys.readouterr().out), "metaembed search"))
     np.save(tmp_path / "q.npy", queries.numpy())
     assert (
         main(
@@ -121,15 +119,7 @@ def _through_every_surface(index_path, model, tiny_checkpoint, capsys, tmp_path)
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["auto"]["ceiling"] == "16x64"
-            out.append(
-                {
-                    "ids": [h["id"] for h in body["results"]],
-                    "scores": [h["score"] for h in body["results"]],
-                    "budget": body["budget"],
-                    "bytes": body["index_bytes_read"],
-                    "via": "/v1/search",
-                }
-            )
+            out.append(_from_body(body, "/v1/search"))
     return out
 
 

@@ -229,18 +229,10 @@ def levels(
         yield (math.inf if last else _margin(ranked, budget, policy.margin_rank)), outcome
 
 
-def escalate(
-    policy: AutoBudget,
-    rows: torch.Tensor,
-    scores: torch.Tensor,
-    score_rows: Callable[[Budget, torch.Tensor], torch.Tensor],
-    item_bytes: Callable[[Budget], int],
-    k: int,
-    bytes_read: int = 0,
-) -> Outcome:
+def escalate(policy: AutoBudget, *args: Any, **kwargs: Any) -> Outcome:
     """Run the policy for one query from its cheap-budget ranking (arguments as :func:`levels`): stop at the
     first level whose margin reaches the threshold, or at the ceiling."""
-    for margin, outcome in levels(policy, rows, scores, score_rows, item_bytes, k, bytes_read):
+    for margin, outcome in levels(policy, *args, **kwargs):
         if margin >= policy.threshold:
             return outcome
     raise AssertionError("unreachable: the last level's margin is inf")
