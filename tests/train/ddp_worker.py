@@ -4,8 +4,8 @@ Every rank builds the same tiny model (same seed), takes its shard of a fixed gl
 MMR loss uncached and cached (GradCache, one item per chunk) in two set-ups:
 
 - ``ddp``: full fine-tuning, the loss module wrapped in DDP;
-- ``fsdp``: LoRA (random A and B, so every adapter tensor gets a gradient) with gradient checkpointing,
-  the model sharded by ``metaembed.train.strategy.shard_model``;
+- ``fsdp``: LoRA (random A and B, so every adapter tensor gets a gradient) with gradient checkpointing and
+  a projection to 32 dimensions, the model sharded by ``metaembed.train.strategy.shard_model``;
 - ``fsdp-bf16``: the same in bf16 — sharded: FSDP's bf16 weights and fp32 gradient reduction; one process:
   bf16 autocast, as an unsharded run computes.
 
@@ -31,7 +31,7 @@ def build(backbone: str, setup: str = "ddp"):
     from metaembed.train.loss import MatryoshkaMultiVectorLoss
 
     torch.manual_seed(0)
-    model = MetaEmbedModel.from_backbone(backbone)
+    model = MetaEmbedModel.from_backbone(backbone, dim=32 if setup.startswith("fsdp") else None)
     if setup.startswith("fsdp"):
         model.add_lora(r=4, alpha=8, dropout=0.0, init_lora_weights=False)
         model.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
