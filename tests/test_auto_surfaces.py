@@ -14,7 +14,7 @@ from metaembed import Budget, MetaEmbedModel
 from metaembed.auto_budget import AutoBudget
 from metaembed.cli import main
 from metaembed.index import open_index
-from metaembed.index.ingest import ingest
+from metaembed.index.ingestion import ingest
 from metaembed.search import search
 
 QUERY = "a red square"

@@ -22,7 +22,9 @@ def test_parse_round_trips_str(r_q, r_c):
     assert Budget.parse(str(budget)) == budget
 
 
-@pytest.mark.parametrize("spec", ["", "16x", "x64", "16x64x2", "a,b", "-1x4", "0x4", "4x0", (1, 2, 3), 3.5, True, "0", 0])
+@pytest.mark.parametrize(
+    "spec", ["", "16x", "x64", "16x64x2", "a,b", "-1x4", "0x4", "4x0", (1, 2, 3), 3.5, True, "0", 0]
+)
 def test_parse_rejects_garbage_with_a_clear_message(spec):
     with pytest.raises(BudgetError, match=r"budget|r_q|r_c"):
         Budget.parse(spec)

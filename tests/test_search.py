@@ -12,7 +12,7 @@ from PIL import Image
 from metaembed import Budget, MetaEmbedModel, maxsim
 from metaembed.cli import main
 from metaembed.index import open_index
-from metaembed.index.ingest import ingest
+from metaembed.index.ingestion import ingest
 from metaembed.model.card import read_quality
 from metaembed.search import search
 

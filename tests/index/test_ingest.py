@@ -17,9 +17,9 @@ from PIL import Image
 from metaembed.cli import main
 from metaembed.errors import InputError
 from metaembed.index import create_index, open_index
-from metaembed.index import ingest as ingest_module
+from metaembed.index import ingestion as ingest_module
 from metaembed.index.files import discover, load
-from metaembed.index.ingest import IngestError, ingest, shard_name
+from metaembed.index.ingestion import IngestError, ingest, shard_name
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 
@@ -215,3 +215,22 @@ def test_shards_an_interrupted_torchrun_left_are_committed_not_encoded_again(tmp
     report = ingest(ix, model, items, chunk_size=4, progress=False)
     assert report.encoded == sum(len(chunk) for _, chunk in plan[0::2])
     assert report.index_size == len(expected_ids(items)) and not shards.exists()
+
+
+def test_the_qdrant_backend_takes_the_same_ingest(tmp_path, model):
+    pytest.importorskip("qdrant_client")
+    items = make_items(tmp_path / "items")
+    report = ingest(tmp_path / "q", model, items, backend="qdrant", dtype="fp32", progress=False)
+    assert report.added == len(expected_ids(items)) and (tmp_path / "q" / "qdrant.json").is_file()
+    with open_index(tmp_path / "q") as index:
+        assert index.backend == "qdrant" and len(index) == report.added
+        _, (meta,) = index.get(["red.png"])
+    assert meta["caption"] == "a red square"
+    again = ingest(tmp_path / "q", model, items, progress=False)  # the backend is found, nothing added twice
+    assert (again.added, again.already) == (0, report.added)
+
+
+def test_ingest_is_the_package_api():
+    import metaembed.index
+
+    assert metaembed.index.ingest is ingest

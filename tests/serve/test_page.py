@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from metaembed.index.ingest import ingest
+from metaembed.index.ingestion import ingest
 
 QUALITY = {"1x1": {"P@1": 0.25}, "4x8": {"P@1": 0.5}}
 

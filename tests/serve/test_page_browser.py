@@ -14,7 +14,7 @@ from browser import chromium, missing, searches, wait_for
 from PIL import Image
 from serve_images import data_url
 
-from metaembed.index.ingest import ingest
+from metaembed.index.ingestion import ingest
 
 QUALITY = {"4x8": {"test P@1": 0.25}, "8x16": {"test P@1": 0.5}}
 

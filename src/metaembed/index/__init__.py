@@ -30,7 +30,10 @@ _FROM_BASE = (
     "SearchResults",
     "UnknownIdError",
 )
-__getattr__ = lazy_exports(__name__, dict.fromkeys(_FROM_BASE, "metaembed.index.base"))
+# ``ingest(index, model, paths)``: files → encoded items → index (metaembed.index.ingestion, which imports the model)
+__getattr__ = lazy_exports(
+    __name__, {**dict.fromkeys(_FROM_BASE, "metaembed.index.base"), "ingest": "metaembed.index.ingestion"}
+)
 
 BACKENDS = ("embedded", "qdrant")
 
@@ -81,4 +84,4 @@ def open_index(path: str | os.PathLike[str] | None, *, backend: str | None = Non
     raise InputError(f"unknown index backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", *_FROM_BASE, "create_index", "open_index"]
+__all__ = ["BACKENDS", *_FROM_BASE, "create_index", "ingest", "open_index"]

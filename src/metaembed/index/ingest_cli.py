@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, *, create: bool) -> int:
         _require_index(args)
     import torch
 
-    from metaembed.index.ingest import ingest
+    from metaembed.index.ingestion import ingest
     from metaembed.model import MetaEmbedModel
 
     if args.torch_threads is not None:
