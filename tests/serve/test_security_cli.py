@@ -106,3 +106,45 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("metaembed serve: error:") and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(serve_model, tmp_path_factory):
+    return serve_model.save_pretrained(tmp_path_factory.mktemp("serve-cli") / "ckpt")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "requirement"),
+    [
+        ("--queue-size", "0", "must be at least 1, got 0"),
+        ("--max-concurrency", "0", "must be at least 1, got 0"),
+        ("--max-items", "-3", "must be at least 1, got -3"),
+        ("--max-batch-items", "0", "must be at least 1, got 0"),
+        ("--max-batch-wait-ms", "-1", "must be a finite number ≥ 0, got -1.0"),
+        ("--request-timeout", "0", "must be a finite number > 0, got 0.0"),
+        ("--request-timeout", "nan", "must be a finite number > 0, got nan"),
+        ("--request-timeout", "inf", "must be a finite number > 0, got inf"),
+    ],
+)
+def test_a_limit_out_of_range_is_the_usual_error_line_naming_its_flag(
+    checkpoint, tmp_path, capsys, flag, value, requirement
+):
+    from metaembed.cli import main
+
+    index = tmp_path / "index"
+    assert main(["serve", "--model", str(checkpoint), "--index", str(index), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err == f"metaembed serve: error: {flag} {requirement}\n"
+    assert not index.exists()  # refused before the index was created
+
+
+def test_serve_config_names_the_field_out_of_range():
+    from metaembed.serve.config import ServeConfig, ServeConfigError
+
+    with pytest.raises(ServeConfigError, match=r"^queue_size must be at least 1, got 0$") as caught:
+        ServeConfig(queue_size=0)
+    assert isinstance(caught.value, InputError) and caught.value.field == "queue_size"
+    with pytest.raises(ServeConfigError, match="max_aspect_ratio"):
+        ServeConfig(max_aspect_ratio=float("nan"))
+    with pytest.raises(ServeConfigError, match="max_batch_wait_ms"):
+        ServeConfig(max_batch_wait_ms=float("inf"))

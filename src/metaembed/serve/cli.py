@@ -6,6 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+# ServeConfig field: the flag that sets it, so an out-of-range value is reported by the flag a user typed
+CONFIG_FLAGS = {
+    "max_batch_items": "--max-batch-items",
+    "max_batch_wait_ms": "--max-batch-wait-ms",
+    "max_items": "--max-items",
+    "queue_size": "--queue-size",
+    "request_timeout_s": "--request-timeout",
+    "max_encode_requests": "--max-concurrency",
+}
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -59,7 +69,6 @@ def build(args: argparse.Namespace):
     from metaembed.model import MetaEmbedModel
     from metaembed.model.card import read_quality
     from metaembed.serve.app import create_app
-    from metaembed.serve.config import ServeConfig
     from metaembed.serve.security import load_api_key
 
     if args.torch_threads is not None:
@@ -68,24 +77,33 @@ def build(args: argparse.Namespace):
         torch.set_num_threads(args.torch_threads)
     if args.image_dir is not None and not args.image_dir.is_dir():
         raise InputError(f"--image-dir {str(args.image_dir)!r} is not a directory")
-    api_key = load_api_key(args.api_key_file)
-    model = MetaEmbedModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     if args.read_only and not args.index:
         raise InputError("--read-only applies to an index: give --index PATH")
+    # the limits are checked before the model loads and before an index directory is created
+    config = server_config(args, load_api_key(args.api_key_file))
+    model = MetaEmbedModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     index = open_or_create_index(args.index, model, args.index_dtype, read_only=args.read_only) if args.index else None
-    config = ServeConfig(
-        image_dir=args.image_dir,
-        api_key=api_key,
-        batching=not args.no_batching,
-        max_batch_items=args.max_batch_items,
-        max_batch_wait_ms=args.max_batch_wait_ms,
-        max_items=args.max_items,
-        queue_size=args.queue_size,
-        request_timeout_s=args.request_timeout,
-        max_encode_requests=args.max_concurrency,
-        model_name=Path(args.model).name or str(args.model),
-    )
     return create_app(model, index, config, quality=read_quality(args.model))  # the page shows it per budget
+
+
+def server_config(args: argparse.Namespace, api_key: str | None):
+    """The :class:`ServeConfig` of these arguments; a value out of range is an InputError naming its flag."""
+    from metaembed.errors import InputError
+    from metaembed.serve.config import ServeConfig, ServeConfigError
+
+    values = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in CONFIG_FLAGS.items()}
+    try:
+        return ServeConfig(
+            image_dir=args.image_dir,
+            api_key=api_key,
+            batching=not args.no_batching,
+            model_name=Path(args.model).name or str(args.model),
+            **values,
+        )
+    except ServeConfigError as error:
+        if error.field not in CONFIG_FLAGS:
+            raise
+        raise InputError(f"{CONFIG_FLAGS[error.field]} {error.requirement}, got {error.value!r}") from None
 
 
 def open_or_create_index(path: str | Path, model, dtype: str = "bf16", *, read_only: bool = False):

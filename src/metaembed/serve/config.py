@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from metaembed.errors import InputError
+
 MiB = 1024 * 1024
+
+
+class ServeConfigError(InputError):
+    """A limit or knob of :class:`ServeConfig` out of range; ``field`` names it so the CLI can name its flag."""
+
+    def __init__(self, field: str, requirement: str, value: object) -> None:
+        super().__init__(f"{field} {requirement}, got {value!r}")
+        self.field, self.requirement, self.value = field, requirement, value
 
 
 @dataclass
@@ -61,10 +72,12 @@ class ServeConfig:
         return self.max_encode_requests + self.max_write_requests + self.max_light_requests + 8
 
     def __post_init__(self) -> None:
-        for name in ("max_items", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in (
+            "max_items",
+            "max_body_bytes",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_text_chars",
             "max_k",
             "max_batch_items",
             "queue_size",
@@ -73,12 +86,15 @@ class ServeConfig:
             "max_light_requests",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_aspect_ratio < 1:
-            raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
-        if self.max_batch_wait_ms < 0 or self.request_timeout_s <= 0:
-            raise ValueError("max_batch_wait_ms must be ≥ 0 and request_timeout_s > 0")
+                raise ServeConfigError(name, "must be at least 1", getattr(self, name))
+        # written as `not (ok)` so NaN fails too; infinity is refused: an endless wait would hold requests forever
+        if not (math.isfinite(self.max_aspect_ratio) and self.max_aspect_ratio >= 1):
+            raise ServeConfigError("max_aspect_ratio", "must be a finite number ≥ 1", self.max_aspect_ratio)
+        if not (math.isfinite(self.max_batch_wait_ms) and self.max_batch_wait_ms >= 0):
+            raise ServeConfigError("max_batch_wait_ms", "must be a finite number ≥ 0", self.max_batch_wait_ms)
+        if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
+            raise ServeConfigError("request_timeout_s", "must be a finite number > 0", self.request_timeout_s)
         if self.api_key is not None and not self.api_key:
-            raise ValueError("api_key must be a non-empty string or None")
+            raise ServeConfigError("api_key", "must be a non-empty string or None", self.api_key)
         if self.image_dir is not None:
             self.image_dir = Path(self.image_dir)
