@@ -119,6 +119,37 @@ def test_an_urgent_encode_overtakes_waiting_bulk_work(serve_model):
     assert order == ["first", "write", "bulk 0", "bulk 1", "bulk 2"]
 
 
+def test_an_urgent_encode_is_batched_only_with_urgent_work(serve_model):
+    """Merged into a batch of waiting bulk work, a one-item keyed write would wait for that whole forward pass."""
+    import threading
+
+    from metaembed.model.items import Item
+    from metaembed.serve.batcher import EncodeBatcher
+
+    batches, entered, gate = [], threading.Event(), threading.Event()
+
+    class Recording(EncodeBatcher):
+        def _encode_many(self, groups, side):
+            entered.set()
+            gate.wait(10)
+            batches.append(sorted(item.text for group in groups for item in group))
+            return super()._encode_many(groups, side)
+
+    batcher = Recording(serve_model, max_batch_items=32, max_batch_wait_ms=50)
+    try:
+        first = batcher.submit([Item(text="first")], "candidate")
+        assert entered.wait(10)  # the worker holds "first" at the gate; everything below waits in the queue
+        bulk = [batcher.submit([Item(text=f"bulk {i}"), Item(text=f"bulk {i}b")], "candidate") for i in range(3)]
+        urgent = [batcher.submit([Item(text=f"write {i}")], "candidate", urgent=True) for i in range(2)]
+        gate.set()
+        for future in (first, *bulk, *urgent):
+            future.result(timeout=30)
+    finally:
+        batcher.close()
+    bulk_items = sorted(f"bulk {i}{b}" for i in range(3) for b in ("", "b"))
+    assert batches == [["first"], ["write 0", "write 1"], bulk_items]
+
+
 # ------------------------------------------------------------------------------------------ unexpected errors
 
 

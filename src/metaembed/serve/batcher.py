@@ -3,8 +3,9 @@
 Requests put encode jobs on a bounded queue and wait on a future. The worker takes the first waiting
 job, then keeps collecting jobs of the same side for at most ``max_batch_wait_ms`` or until it holds
 ``max_batch_items`` items, and runs them through the model together (items sorted by size so little
-padding is wasted). Urgent jobs (keyed index writes) are taken before any waiting bulk job, so a flood of
-embeddings requests delays a write by a batch or two at most. A full queue is refused at once (503); a caller that
+padding is wasted). Urgent jobs (keyed index writes) are taken before any waiting bulk job and batched only with
+other urgent jobs, so a flood of embeddings requests delays a write by the batch in progress at most (merged with
+bulk work, a one-item write would wait for a full batch of it). A full queue is refused at once (503); a caller that
 waits too long gives up (504)
 and its job is skipped if the worker has not started it. If a merged batch fails, each job is re-run on
 its own, so one bad request cannot fail the others; a job that still fails with a ValueError/TypeError
@@ -45,6 +46,7 @@ class Encoded:
 class _Job:
     items: Sequence[Item]
     side: Side
+    urgent: bool = False
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -85,7 +87,7 @@ class EncodeBatcher:
         """Queue items for encoding; the future resolves to :class:`Encoded` (or the error)."""
         if self._stopped.is_set():
             raise OverloadedError("the encoder is shutting down")
-        job = _Job(items, side)
+        job = _Job(items, side, urgent)
         try:
             self._queue.put_nowait((URGENT if urgent else BULK, next(self._order), job))
         except queue.Full:
@@ -124,7 +126,7 @@ class EncodeBatcher:
                 return
 
     def _collect(self, first: _Job) -> list[_Job]:
-        """More jobs of the same side, until the batch is full or the wait is over."""
+        """More jobs of the same side and urgency, until the batch is full or the wait is over."""
         more: list[_Job] = []
         count = len(first.items)
         deadline = time.perf_counter() + self.max_batch_wait_s
@@ -136,7 +138,7 @@ class EncodeBatcher:
             if job is None:  # shutting down: finish what we hold
                 self._stopped.set()
                 break
-            if job.side != first.side or count + len(job.items) > self.max_batch_items:
+            if job.side != first.side or job.urgent != first.urgent or count + len(job.items) > self.max_batch_items:
                 self._pending = job
                 break
             more.append(job)
