@@ -150,7 +150,8 @@ def render(found: Found) -> str:
         f"read {found.index_bytes_read:,} B ({found.index_bytes_read / 2**20:.2f} MiB) of candidate vectors",
     ]
     if found.quality:
-        lines.append("model card at this budget: " + ", ".join(f"{k} {v:.3g}" for k, v in found.quality.items()))
+        shown = (f"{name} {100 * v:.1f} %" if 0 <= v <= 1 else f"{name} {v:.4g}" for name, v in found.quality.items())
+        lines.append("model card at this budget: " + ", ".join(shown))
     width = max([len("id"), *(len(hit.id) for hit in found.results)])
     lines += ["", f"{'rank':>4}  {'score':>8}  {'id':<{width}}  caption / path"]
     lines += [f"{h.rank:>4}  {h.score:8.4f}  {h.id:<{width}}  {describe(h.metadata)}" for h in found.results]
