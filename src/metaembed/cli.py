@@ -49,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 2 threads at load 8). Waiting threads that sleep cost little on a quiet machine. An explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    if argv is None and hasattr(args, "prepare_process"):  # this process is the command: a room may reconfigure it
+        args.prepare_process()
     try:
         return int(args.func(args) or 0)
     except MetaEmbedError as error:
