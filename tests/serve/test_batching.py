@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -75,6 +76,30 @@ def test_full_queue_is_refused(serve_model):
         release.set()
         batcher.close()
     assert first.result(30).embeddings.shape == (1, 16, 64)
+
+
+def test_bulk_work_is_refused_once_the_measured_work_ahead_would_outlast_max_wait(serve_model):
+    """max_wait_s=0: any measured work queued ahead refuses bulk work; urgent work and an empty queue never are."""
+    batcher, release, started = _blocked_batcher(serve_model, batching=False, max_wait_s=0.0)
+    try:
+        first = batcher.submit([Item(text="a")], "query")  # nothing measured yet, nothing ahead: accepted
+        assert started.wait(30)  # its forward pass was measured; the worker now holds
+        second = batcher.submit([Item(text="b"), Item(text="c")], "query")  # nothing queued ahead: accepted
+        assert batcher.expected_wait_s > 0
+        with pytest.raises(OverloadedError, match="s of work queued"):
+            batcher.submit([Item(text="d")], "query")
+        urgent = batcher.submit([Item(text="write")], "candidate", urgent=True)
+    finally:
+        release.set()
+    try:
+        for future in (first, second, urgent):
+            future.result(30)
+        deadline = time.monotonic() + 30
+        while batcher.expected_wait_s > 0 and time.monotonic() < deadline:  # the worker is draining what it took
+            time.sleep(0.01)
+        assert batcher.submit([Item(text="e")], "query").result(30).embeddings.shape == (1, 16, 64)
+    finally:
+        batcher.close()
 
 
 def test_one_bad_request_does_not_fail_the_batch(serve_model):

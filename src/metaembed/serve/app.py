@@ -193,6 +193,8 @@ def create_app(
         max_batch_items=config.max_batch_items,
         max_batch_wait_ms=config.max_batch_wait_ms,
         queue_size=config.queue_size,
+        # half the timeout: the estimate leaves out the batch in progress and the request's own encode
+        max_wait_s=config.request_timeout_s / 2,
         on_batch=metrics.observe_batch,
     )
     index_lock = _RWLock()

@@ -5,11 +5,13 @@ job, then keeps collecting jobs of the same side for at most ``max_batch_wait_ms
 ``max_batch_items`` items, and runs them through the model together (items sorted by size so little
 padding is wasted). Urgent jobs (keyed index writes) are taken before any waiting bulk job and batched only with
 other urgent jobs, so a flood of embeddings requests delays a write by the batch in progress at most (merged with
-bulk work, a one-item write would wait for a full batch of it). A full queue is refused at once (503); a caller that
-waits too long gives up (504)
-and its job is skipped if the worker has not started it. If a merged batch fails, each job is re-run on
-its own, so one bad request cannot fail the others; a job that still fails with a ValueError/TypeError
-from preprocessing is reported as a 400 for that request only.
+bulk work, a one-item write would wait for a full batch of it). A full queue is refused at once (503), and so is
+bulk work that would wait longer than ``max_wait_s`` for the items queued ahead of it (measured seconds per item
+× items waiting): a request count alone cannot bound the wait, since a request holds 1 to ``max_items`` items and
+a machine shared with other work encodes slower at times, and work refused at once beats work that times out. A
+caller that waits too long gives up (504) and its job is skipped if the worker has not started it. If a merged
+batch fails, each job is re-run on its own, so one bad request cannot fail the others; a job that still fails with
+a ValueError/TypeError from preprocessing is reported as a 400 for that request only.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class _Job:
     items: Sequence[Item]
     side: Side
     urgent: bool = False
+    queued: bool = True  # its items count in the batcher's backlog
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -65,9 +68,11 @@ class EncodeBatcher:
         max_batch_items: int = 32,
         max_batch_wait_ms: float = 5.0,
         queue_size: int = 256,
+        max_wait_s: float | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.model = model
+        self.max_wait_s = max_wait_s
         self.batching = batching
         self.max_batch_items = max_batch_items
         self.max_batch_wait_s = max_batch_wait_ms / 1000
@@ -75,6 +80,9 @@ class EncodeBatcher:
         self._queue: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue(maxsize=queue_size)
         self._order = itertools.count()  # first come, first served within a priority
         self._pending: _Job | None = None  # a job taken from the queue that did not fit the last batch
+        self._backlog = 0  # items submitted and not yet started (queued or pending)
+        self._backlog_lock = threading.Lock()
+        self._seconds_per_item: float | None = None  # smoothed over recent forward passes; None until the first
         self._thread = threading.Thread(target=self._run, name="metaembed-encode", daemon=True)
         self._stopped = threading.Event()
         self._thread.start()
@@ -83,18 +91,38 @@ class EncodeBatcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def expected_wait_s(self) -> float:
+        """Seconds a new job would wait for the items queued ahead of it (0 until a forward pass was measured)."""
+        return self._backlog * (self._seconds_per_item or 0.0)
+
     def submit(self, items: Sequence[Item], side: Side, *, urgent: bool = False) -> Future:
         """Queue items for encoding; the future resolves to :class:`Encoded` (or the error)."""
         if self._stopped.is_set():
             raise OverloadedError("the encoder is shutting down")
         job = _Job(items, side, urgent)
-        try:
-            self._queue.put_nowait((URGENT if urgent else BULK, next(self._order), job))
-        except queue.Full:
-            raise OverloadedError(
-                f"the encode queue is full ({self._queue.maxsize} requests waiting); retry shortly"
-            ) from None
+        with self._backlog_lock:
+            wait = self.expected_wait_s
+            if not urgent and self.max_wait_s is not None and wait > self.max_wait_s:
+                raise OverloadedError(
+                    f"the encoder has about {wait:.0f} s of work queued (at most {self.max_wait_s:g} s is accepted); "
+                    "retry shortly"
+                )
+            try:
+                self._queue.put_nowait((URGENT if urgent else BULK, next(self._order), job))
+            except queue.Full:
+                raise OverloadedError(
+                    f"the encode queue is full ({self._queue.maxsize} requests waiting); retry shortly"
+                ) from None
+            self._backlog += len(items)
+        job.future.add_done_callback(lambda _: self._dequeued(job))  # a cancelled job (504) leaves the backlog now
         return job.future
+
+    def _dequeued(self, job: _Job) -> None:
+        with self._backlog_lock:
+            if job.queued:
+                job.queued = False
+                self._backlog -= len(job.items)
 
     def close(self, timeout: float = 10.0) -> None:
         self._stopped.set()
@@ -119,6 +147,8 @@ class EncodeBatcher:
             jobs = [job]
             if self.batching:
                 jobs += self._collect(job)
+            for taken in jobs:
+                self._dequeued(taken)
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             if jobs:
                 self._encode_jobs(jobs)
@@ -177,8 +207,12 @@ class EncodeBatcher:
                 lengths = (batch["attention_mask"].sum(dim=1) - n_meta).tolist()
                 for i, length in zip(index, lengths, strict=True):
                     tokens[i] = int(length)
+        seconds = time.perf_counter() - start
+        per_item = seconds / max(1, len(flat))
+        previous = self._seconds_per_item
+        self._seconds_per_item = per_item if previous is None else 0.7 * previous + 0.3 * per_item
         if self.on_batch is not None:
-            self.on_batch(len(flat), time.perf_counter() - start)
+            self.on_batch(len(flat), seconds)
         results, begin = [], 0
         for group in groups:
             results.append(Encoded(out[begin : begin + len(group)], tokens[begin : begin + len(group)]))
