@@ -79,23 +79,33 @@ def test_full_queue_is_refused(serve_model):
 
 
 def test_bulk_work_is_refused_once_the_measured_work_ahead_would_outlast_max_wait(serve_model):
-    """max_wait_s=0: any measured work queued ahead refuses bulk work; urgent work and an empty queue never are."""
-    batcher, release, started = _blocked_batcher(serve_model, batching=False, max_wait_s=0.0)
+    """max_wait_s=0: any measured work ahead (in progress or queued) refuses bulk work; urgent work never is."""
+    holding, release, started = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(items, seconds):
+        if holding.is_set():
+            started.set()
+            release.wait(30)
+
+    batcher = EncodeBatcher(serve_model, batching=False, max_wait_s=0.0, on_batch=hold)
     try:
-        first = batcher.submit([Item(text="a")], "query")  # nothing measured yet, nothing ahead: accepted
-        assert started.wait(30)  # its forward pass was measured; the worker now holds
-        second = batcher.submit([Item(text="b"), Item(text="c")], "query")  # nothing queued ahead: accepted
+        assert batcher.submit([Item(text="a")], "query").result(30)  # nothing measured yet: accepted and measured
+        assert batcher.expected_wait_s == 0  # an idle worker: accepted however slow it is
+        holding.set()
+        second = batcher.submit([Item(text="b"), Item(text="c")], "query")
+        assert started.wait(30)  # "b c" is the forward pass in progress
         assert batcher.expected_wait_s > 0
         with pytest.raises(OverloadedError, match="s of work queued"):
             batcher.submit([Item(text="d")], "query")
         urgent = batcher.submit([Item(text="write")], "candidate", urgent=True)
     finally:
+        holding.clear()
         release.set()
     try:
-        for future in (first, second, urgent):
+        for future in (second, urgent):
             future.result(30)
         deadline = time.monotonic() + 30
-        while batcher.expected_wait_s > 0 and time.monotonic() < deadline:  # the worker is draining what it took
+        while batcher.expected_wait_s > 0 and time.monotonic() < deadline:  # the worker finishes what it took
             time.sleep(0.01)
         assert batcher.submit([Item(text="e")], "query").result(30).embeddings.shape == (1, 16, 64)
     finally:

@@ -6,12 +6,12 @@ job, then keeps collecting jobs of the same side for at most ``max_batch_wait_ms
 padding is wasted). Urgent jobs (keyed index writes) are taken before any waiting bulk job and batched only with
 other urgent jobs, so a flood of embeddings requests delays a write by the batch in progress at most (merged with
 bulk work, a one-item write would wait for a full batch of it). A full queue is refused at once (503), and so is
-bulk work that would wait longer than ``max_wait_s`` for the items queued ahead of it (measured seconds per item
-× items waiting): a request count alone cannot bound the wait, since a request holds 1 to ``max_items`` items and
-a machine shared with other work encodes slower at times, and work refused at once beats work that times out. A
-caller that waits too long gives up (504) and its job is skipped if the worker has not started it. If a merged
-batch fails, each job is re-run on its own, so one bad request cannot fail the others; a job that still fails with
-a ValueError/TypeError from preprocessing is reported as a 400 for that request only.
+bulk work that would wait longer than ``max_wait_s`` for the forward pass in progress and the items queued ahead
+of it (measured seconds per item × those items): a request count alone cannot bound the wait, since a request
+holds 1 to ``max_items`` items and a machine shared with other work encodes slower at times, and work refused at
+once beats work that times out. A caller that waits too long gives up (504) and its job is skipped if the worker has
+not started it. If a merged batch fails, each job is re-run on its own, so one bad request cannot fail the others; a
+job that still fails with a ValueError/TypeError from preprocessing is reported as a 400 for that request only.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class EncodeBatcher:
         self._order = itertools.count()  # first come, first served within a priority
         self._pending: _Job | None = None  # a job taken from the queue that did not fit the last batch
         self._backlog = 0  # items submitted and not yet started (queued or pending)
+        self._running = 0  # items in the forward pass in progress
         self._backlog_lock = threading.Lock()
         self._seconds_per_item: float | None = None  # smoothed over recent forward passes; None until the first
         self._thread = threading.Thread(target=self._run, name="metaembed-encode", daemon=True)
@@ -93,8 +94,11 @@ class EncodeBatcher:
 
     @property
     def expected_wait_s(self) -> float:
-        """Seconds a new job would wait for the items queued ahead of it (0 until a forward pass was measured)."""
-        return self._backlog * (self._seconds_per_item or 0.0)
+        """Seconds a new job would wait for the forward pass in progress and the items queued ahead of it.
+
+        0 until a forward pass was measured. An urgent job skips the queued items but not the pass in progress.
+        """
+        return (self._backlog + self._running) * (self._seconds_per_item or 0.0)
 
     def submit(self, items: Sequence[Item], side: Side, *, urgent: bool = False) -> Future:
         """Queue items for encoding; the future resolves to :class:`Encoded` (or the error)."""
@@ -147,11 +151,13 @@ class EncodeBatcher:
             jobs = [job]
             if self.batching:
                 jobs += self._collect(job)
+            self._running = sum(len(taken.items) for taken in jobs)  # before they leave the backlog: no dip
             for taken in jobs:
                 self._dequeued(taken)
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             if jobs:
                 self._encode_jobs(jobs)
+            self._running = 0
             if self._stopped.is_set() and self._queue.empty() and self._pending is None:
                 return
 
