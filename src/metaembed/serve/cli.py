@@ -129,8 +129,13 @@ def open_or_create_index(path: str | Path, model, dtype: str = "bf16", *, read_o
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
+    # metaembed's own loggers (a request's unexpected error with its traceback, index warnings) at --log-level, with
+    # the time, so a server log can be matched to what clients saw; uvicorn configures its own loggers
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
