@@ -41,7 +41,8 @@ def chromium(width: int = 1280, height: int = 900):
         driver.quit()
 
 
-def wait_for(driver, condition, timeout: float = 30.0, what: str = "the page"):
+def wait_for(driver, condition, timeout: float = 90.0, what: str = "the page"):
+    """Poll until ``condition(driver)`` holds; generous: a CPU shared with other work can make a step take long."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d), f"waiting for {what}")
