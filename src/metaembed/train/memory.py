@@ -7,10 +7,11 @@ out-of-memory killer ended three runs — and a flat ≈ 2 GB with large blocks 
 back on free) and two arenas, the same settings as ``MALLOC_MMAP_THRESHOLD_=131072
 MALLOC_TRIM_THRESHOLD_=131072 MALLOC_ARENA_MAX=2`` in the environment.
 
-Those mappings cost a page fault per 4 KiB the first time a step touches them: ≈ 100,000 faults a second per
-run, and on this VM a fault is slow in wall time, not CPU time (a loop of 40 MB matmuls: 348 s → 31 s wall at
-load 7, the same 17 s of CPU; 2.9 M → 47 k faults). glibc's ``glibc.malloc.hugetlb=1`` tunable asks for
-transparent huge pages on its mappings (2 MiB per fault). Tunables are read only when a process starts, so
+Those mappings cost a page fault per 4 KiB the first time a step touches them (≈ 100,000 faults a second per
+mini run). glibc's ``glibc.malloc.hugetlb=1`` tunable asks for transparent huge pages on its mappings (one fault
+per 2 MiB): ``benchmarks/page_faults.py`` measures 60× fewer faults and a wall-time gain that grows with the
+load — 1.1× at load 3 (``docs/bench/page-faults.json``), 11× in one unstored run at load 7 (348 s → 31 s, same CPU
+time: the faults wait, they do not compute). Tunables are read only when a process starts, so
 :func:`restart_with_huge_pages` re-executes the command once with it set.
 """
 
