@@ -6,17 +6,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metaembed import Budget, BudgetError, ShapeError, maxsim, maxsim_from_similarities, token_similarities
+from metaembed.scoring import maxsim_reference
 
 
 def reference_maxsim(queries: torch.Tensor, candidates: torch.Tensor, budget: Budget) -> torch.Tensor:
-    """The definition, in float64 loops over queries: sum_i max_j <q_i, c_j>."""
-    q = queries[:, : budget.r_q].double()
-    c = candidates[:, : budget.r_c].double()
-    out = torch.empty(q.shape[0], c.shape[0], dtype=torch.float64)
-    for i in range(q.shape[0]):
-        sims = torch.einsum("id,njd->nij", q[i], c)  # (N, r_q, r_c)
-        out[i] = sims.max(dim=2).values.sum(dim=1)
-    return out
+    """The library's oracle; :func:`test_the_oracle_is_the_definition` checks it against scalar loops."""
+    return maxsim_reference(queries, candidates, budget)
+
+
+def test_the_oracle_is_the_definition():
+    gen = torch.Generator().manual_seed(7)
+    q, c = torch.randn(2, 3, 5, generator=gen), torch.randn(4, 6, 5, generator=gen)
+    for budget in (Budget(1, 1), Budget(2, 4), Budget(3, 6)):
+        want = [
+            [
+                sum(
+                    max(float(q[a, i].double() @ c[n, j].double()) for j in range(budget.r_c))
+                    for i in range(budget.r_q)
+                )
+                for n in range(4)
+            ]
+            for a in range(2)
+        ]
+        torch.testing.assert_close(maxsim_reference(q, c, budget), torch.tensor(want, dtype=torch.float64))
+    assert maxsim_reference(q, c).shape == (2, 4) and maxsim_reference(q, c, "2x4").dtype == torch.float64
 
 
 def unit(shape, generator, dtype=torch.float32):

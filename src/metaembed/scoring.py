@@ -11,6 +11,9 @@ Two entry points:
   candidates are bf16. Falls back to the differentiable form when gradients are needed.
 * :func:`token_similarities` + :func:`maxsim_from_similarities` — training: compute all token
   similarities once, then score any number of budgets by slicing (the MMR loss needs five).
+
+:func:`maxsim_reference` is the definition written plainly in float64: the oracle every fast path (this
+engine, the fused kernel, the index, two-stage search, evaluation, the service) is tested against.
 """
 
 from __future__ import annotations
@@ -208,6 +211,23 @@ def score_blocks(
         else:
             scores[:, lo : lo + k] = best.view(k, nq, r_q).sum(dim=2, dtype=out_dtype).T
     return scores
+
+
+def maxsim_reference(
+    queries: torch.Tensor, candidates: torch.Tensor, budget: Budget | str | tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``Σ_{i<r_q} max_{j<r_c} <q_i, c_j>`` in float64 with one einsum — slow, obviously correct, for tests.
+
+    Shares no code with :func:`maxsim` (no chunking, no fused kernel, no dtype policy), so a bug there
+    cannot hide in the expected values. Returns ``(nq, N)`` float64.
+    """
+    if budget is None:
+        r_q, r_c = queries.shape[1], candidates.shape[1]
+    else:
+        budget = Budget.parse(budget)
+        r_q, r_c = budget.r_q, budget.r_c
+    q, c = queries[:, :r_q].double(), candidates[:, :r_c].double()
+    return torch.einsum("qid,njd->qnij", q, c).amax(dim=3).sum(dim=2)
 
 
 def token_similarities(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
