@@ -91,6 +91,39 @@ def test_a_group_of_one_slot_is_the_masked_mean():
     assert not torch.allclose(got[:, 2], got[:, 3])  # a two-slot group splits the content
 
 
+def test_a_lone_attending_slot_is_a_softmax_over_valid_tokens():
+    torch.manual_seed(9)
+    readout = SlotReadout(6, lone="attention").double()
+    meta, content, mask = _inputs(3, 16, 7, 6, seed=10)
+    groups = slot_groups("query", 16)
+    got = readout(meta, content, mask, groups)
+    w_q, w_k = readout.query.weight.detach(), readout.key.weight.detach()
+    for b in range(3):
+        for i in (0, 1):  # the query side's two groups of one
+            valid = [t for t in range(7) if mask[b, t]]
+            logits = [float((w_q @ meta[b, i]) @ (w_k @ content[b, t])) / math.sqrt(6) for t in valid]
+            top = max(logits)
+            weights = [math.exp(v - top) for v in logits]
+            want = sum(w * content[b, t] for w, t in zip(weights, valid, strict=True)) / sum(weights)
+            torch.testing.assert_close(got[b, i], want, rtol=1e-12, atol=1e-12)
+        mean = content[b, [t for t in range(7) if mask[b, t]]].mean(0)
+        assert not torch.allclose(got[b, 0], mean)
+    # groups of several slots are unchanged: they still split each token between them
+    plain = SlotReadout(6).double()
+    plain.load_state_dict(readout.state_dict())
+    torch.testing.assert_close(got[:, 2:], plain(meta, content, mask, groups)[:, 2:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lone must be one of"):
+        SlotReadout(6, lone="max")
+
+
+def test_lone_slot_is_a_config_of_the_slot_readout_only():
+    assert MetaEmbedConfig("mini", meta_anchor="slots", lone_slot="attention").lone_slot == "attention"
+    with pytest.raises(ValueError, match="applies to meta_anchor='slots' only"):
+        MetaEmbedConfig("mini", meta_anchor="mean", lone_slot="attention")
+    with pytest.raises(ValueError, match="lone_slot must be one of"):
+        MetaEmbedConfig("mini", meta_anchor="slots", lone_slot="sum")
+
+
 def test_the_weights_of_a_group_split_every_valid_token():
     readout = _readout(6, seed=4)
     meta, content, mask = _inputs(3, 64, 7, 6, seed=5)

@@ -173,8 +173,13 @@ def test_numbers_without_a_dot_are_numbers():
 
 def test_regulariser_keys_reach_the_model_loss_and_head_learning_rate(tiny_backbone, tmp_path):
     """Slot read-out, orthogonal Meta Tokens, annealed soft MaxSim and the diversity penalty from recipe keys."""
-    keys = ["model.meta_anchor=slots", "model.meta_init=orthogonal", "loss.soft_max_temperature=0.1"]
-    keys += ["loss.soft_max_anneal_steps=2", "loss.diversity_weight=0.1", "train.head_learning_rate=0.5"]
+    keys = ["model.meta_anchor=slots", "model.lone_slot=attention", "model.meta_init=orthogonal"]
+    keys += [
+        "loss.soft_max_temperature=0.1",
+        "loss.soft_max_anneal_steps=2",
+        "loss.diversity_weight=0.1",
+        "train.head_learning_rate=0.5",
+    ]
     trainer = MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path, *keys, "train.max_steps=3", "train.cache_chunk_size=3"))
     norms = trainer.model.meta_tokens.weight.detach().norm(dim=1)
     torch.testing.assert_close(norms, torch.full_like(norms, float(norms[0])))
@@ -185,7 +190,8 @@ def test_regulariser_keys_reach_the_model_loss_and_head_learning_rate(tiny_backb
     final = trainer.train()
     assert [row["soft_max_temperature"] for row in trainer.history] == pytest.approx([0.1, 0.05, 0.0])
     assert all(0 < row["diversity"] <= 1 for row in trainer.history)
-    assert MetaEmbedModel.from_pretrained(final).config.meta_anchor == "slots"
+    reloaded = MetaEmbedModel.from_pretrained(final).config
+    assert (reloaded.meta_anchor, reloaded.lone_slot) == ("slots", "attention")
 
 
 def test_warm_start_copies_the_trained_backbone_and_keeps_fresh_meta_tokens(tiny_backbone, tmp_path):

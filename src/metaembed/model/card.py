@@ -64,6 +64,8 @@ def _fmt(value) -> str:
 def _readout(config: MetaEmbedConfig) -> str:
     if config.pooling == "meta":
         anchor = ANCHOR_NOTES.get(config.meta_anchor, "")
+        if config.lone_slot == "attention":
+            anchor += "; a slot alone in its group attends over the content (`lone_slot: attention`)"
         return f"{config.num_query_tokens} query and {config.num_candidate_tokens} candidate Meta Tokens{anchor}"
     return (
         f"baseline pooling `{config.pooling}` ({config.vectors('query')} query and "

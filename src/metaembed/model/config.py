@@ -52,6 +52,10 @@ class MetaEmbedConfig:
             first layer. Attention mixes tokens on the way up, so the last states of a page's cells resemble
             each other; the first layer's input still holds each cell's own picture, which is what lets the
             slots of a larger budget keep different parts of a page apart.
+        lone_slot: how a slot alone in its ladder group (candidate vector 0, query vectors 0 and 1) reads the
+            content under ``meta_anchor: "slots"``: ``"mean"``, the plain content mean; ``"attention"``, a
+            softmax over the content tokens with the slot's own query, so only a loss that scores the first
+            vector alone teaches it to summarise the whole item.
     """
 
     backbone_family: str
@@ -69,6 +73,7 @@ class MetaEmbedConfig:
     pooling: str = "meta"
     meta_anchor: str | None = None
     slot_values: str = "states"
+    lone_slot: str = "mean"
 
     def __post_init__(self) -> None:
         pooled_vectors(self.pooling, "query", self.num_query_tokens, self.num_candidate_tokens)  # validates
@@ -80,6 +85,10 @@ class MetaEmbedConfig:
             raise ValueError(f"slot_values must be one of {SLOT_VALUES}, got {self.slot_values!r}")
         if self.slot_values != "states" and self.meta_anchor != "slots":
             raise ValueError(f"slot_values={self.slot_values!r} applies to meta_anchor='slots' only")
+        if self.lone_slot not in LONE_SLOTS:
+            raise ValueError(f"lone_slot must be one of {LONE_SLOTS}, got {self.lone_slot!r}")
+        if self.lone_slot != "mean" and self.meta_anchor != "slots":
+            raise ValueError(f"lone_slot={self.lone_slot!r} applies to meta_anchor='slots' only")
         if self.meta_anchor is not None and self.pooling != "meta":
             raise ValueError(f"meta_anchor applies to Meta-Token pooling only, not pooling={self.pooling!r}")
         for name in ("num_query_tokens", "num_candidate_tokens", "max_text_tokens", "min_image_side"):
@@ -115,6 +124,7 @@ class MetaEmbedConfig:
 
 META_ANCHORS = (None, "mean", "slots")
 SLOT_VALUES = ("states", "states+inputs")
+LONE_SLOTS = ("mean", "attention")
 POOLINGS = ("meta", "last", "mean", "split-X", "split-QxC")
 
 

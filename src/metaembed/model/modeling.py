@@ -56,7 +56,7 @@ class MetaEmbedModel(nn.Module):
         if config.meta_anchor is not None:
             self.meta_residual = nn.Linear(hidden, hidden, bias=False)
             nn.init.zeros_(self.meta_residual.weight)  # a fresh model reads out exactly the anchor
-        self.slot_readout = SlotReadout(hidden) if config.meta_anchor == "slots" else None
+        self.slot_readout = SlotReadout(hidden, config.lone_slot) if config.meta_anchor == "slots" else None
         dtype = next(backbone.parameters()).dtype
         for module in (self.meta_tokens, self.projection, self.meta_residual, self.slot_readout):
             if module is not None:

@@ -6,6 +6,11 @@ compete for every content token — a softmax over the group's slots, as in Slot
 al. 2020) — so a token given to one slot is taken from the others and the group's vectors must split the
 content between them. The groups are the nested budgets of the ladder, so every budget prefix keeps whole
 groups and the first vector, alone in its group, is the plain content mean.
+
+A slot alone in its group has nothing to compete with. By default it reads the plain mean, which gives every
+model — trained with the Matryoshka loss or not — a strong first vector. ``lone="attention"`` makes it attend
+instead (a softmax over the content tokens with its own query), so what the first vector holds is learned:
+only a loss that scores it alone (the 1x1 rung) teaches it to summarise the whole item.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from metaembed.budget import Budget
+from metaembed.model.config import LONE_SLOTS
 from metaembed.model.meta_tokens import SIDES, Side
 
 WEIGHT_FLOOR = 1e-6  # a slot that wins almost no token divides by this instead of ~0
@@ -40,11 +46,15 @@ class SlotReadout(nn.Module):
 
     ``l_it = <W_q m_i, W_k h_t> / sqrt(H)``; ``a_it`` = softmax of ``l_it`` over the slots i of i's group
     (0 on padding); vector_i = ``Σ_t a_it h_t / Σ_t a_it``. W_q and W_k start random (normal, std
-    ``1/sqrt(H)``) so slots differ from the first step; a group of one slot has ``a_it = 1``: the mean.
+    ``1/sqrt(H)``) so slots differ from the first step. A group of one slot has ``a_it = 1`` (the mean),
+    or with ``lone="attention"`` ``a_it`` = softmax of ``l_it`` over the valid tokens t.
     """
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, lone: str = "mean") -> None:
         super().__init__()
+        if lone not in LONE_SLOTS:
+            raise ValueError(f"lone must be one of {LONE_SLOTS}, got {lone!r}")
+        self.lone = lone
         self.query = nn.Linear(hidden, hidden, bias=False)
         self.key = nn.Linear(hidden, hidden, bias=False)
         for linear in (self.query, self.key):
@@ -60,8 +70,18 @@ class SlotReadout(nn.Module):
         """
         logits = self.query(meta) @ self.key(content).transpose(1, 2) / math.sqrt(meta.shape[-1])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        weights = torch.cat([logits[:, group.start : group.stop].softmax(1) for group in groups], dim=1)
-        return weights * mask[:, None, :].to(weights.dtype)
+        valid = mask[:, None, :].to(torch.bool)
+        over_tokens = logits.masked_fill(~valid, torch.finfo(logits.dtype).min).softmax(2)
+        weights = torch.cat(
+            [
+                over_tokens[:, group.start : group.stop]
+                if len(group) == 1 and self.lone == "attention"
+                else logits[:, group.start : group.stop].softmax(1)
+                for group in groups
+            ],
+            dim=1,
+        )
+        return weights * valid.to(weights.dtype)
 
     def forward(
         self, meta: torch.Tensor, content: torch.Tensor, mask: torch.Tensor, groups: tuple[range, ...]

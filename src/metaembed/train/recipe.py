@@ -34,6 +34,7 @@ class ModelRecipe:
     meta_layout: str = "reference"
     max_text_tokens: int = 1024
     slot_values: str = "states"  # "states+inputs": slots also pool the first layer's input (MetaEmbedConfig)
+    lone_slot: str = "mean"  # "attention": a slot alone in its group attends instead of the mean (MetaEmbedConfig)
     meta_anchor: str | None = None  # "mean" | "slots": Meta-Token vectors anchored on the content (MetaEmbedConfig)
     meta_init: str = "normal"  # fresh Meta Tokens: "normal" (std 0.02) | "orthogonal" (rows of token-embedding length)
 

@@ -71,6 +71,7 @@ def build_model(recipe: Recipe, workdir: Path):
             pooling=pooling,
             meta_anchor=m.meta_anchor if pooling == "meta" else None,  # baselines of the same recipe: no anchor
             slot_values=m.slot_values if pooling == "meta" and m.meta_anchor == "slots" else "states",
+            lone_slot=m.lone_slot if pooling == "meta" and m.meta_anchor == "slots" else "mean",
             meta_init=m.meta_init if pooling == "meta" else "normal",
         )
     lora = recipe.lora
