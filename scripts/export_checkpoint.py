@@ -8,8 +8,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from metaembed.train.build import trained_model
 from metaembed.train.recipe import load_recipe
-from metaembed.train.trainer import TRAINABLE_FILE, trained_model
+from metaembed.train.trainer import TRAINABLE_FILE
 
 
 def main() -> None:

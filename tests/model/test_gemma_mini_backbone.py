@@ -173,7 +173,7 @@ def test_a_finished_conversion_replaces_an_incomplete_cache(tmp_path):
 
 
 def test_recipe_builds_the_backbone_directory_with_its_image_size(tmp_path):
-    from metaembed.train.trainer import resolve_backbone
+    from metaembed.train.build import resolve_backbone
 
     built = Path(resolve_backbone("gemma-mini:256", tmp_path))
     assert GemmaMiniSettings.read(built) == GemmaMiniSettings(image_size=256)

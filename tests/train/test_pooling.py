@@ -7,7 +7,7 @@ import torch
 
 from metaembed import MetaEmbedModel
 from metaembed.errors import BudgetError
-from metaembed.model.modeling import pool_hidden
+from metaembed.model.pooling import pool_hidden
 
 
 def _reference(hidden, mask, pooling, count):

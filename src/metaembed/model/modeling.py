@@ -20,7 +20,9 @@ from metaembed.model.backbones import Backbone, Processor, adapter_for, detect_f
 from metaembed.model.card import render_model_card
 from metaembed.model.config import MetaEmbedConfig
 from metaembed.model.items import ItemLike, check_batch, to_items
+from metaembed.model.loading import parse_dtype, resolve_checkpoint
 from metaembed.model.meta_tokens import MetaSlots, Side, meta_slots
+from metaembed.model.pooling import pool_hidden
 from metaembed.model.readout import SlotReadout, slot_groups
 
 CONFIG_FILE = "config.json"
@@ -89,7 +91,7 @@ class MetaEmbedModel(nn.Module):
             except OSError as error:
                 raise CheckpointError(f"cannot load a backbone config from {str(name_or_path)!r}: {error}") from error
         config = MetaEmbedConfig(backbone_family=family, **config_overrides)
-        model = cls._assemble(config, name_or_path, _dtype(torch_dtype))
+        model = cls._assemble(config, name_or_path, parse_dtype(torch_dtype))
         model.init_meta_tokens(meta_init)
         return model
 
@@ -307,7 +309,7 @@ class MetaEmbedModel(nn.Module):
         cls, name_or_path: str | Path, *, torch_dtype: torch.dtype | str | None = None, device: str | None = None
     ) -> MetaEmbedModel:
         """Load a checkpoint written by :meth:`save_pretrained` from a directory or a hub id."""
-        directory = _resolve_checkpoint(name_or_path)
+        directory = resolve_checkpoint(name_or_path)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for required in (config_path, weights_path):
             if not required.is_file():
@@ -319,7 +321,7 @@ class MetaEmbedModel(nn.Module):
         backbone_dir = directory / config.backbone_path
         if not backbone_dir.is_dir():
             raise CheckpointError(f"{directory}: backbone directory {backbone_dir} is missing")
-        model = cls._assemble(config, backbone_dir, _dtype(torch_dtype))
+        model = cls._assemble(config, backbone_dir, parse_dtype(torch_dtype))
         model._load_head(weights_path)
         if config.lora is not None:
             model._load_adapter(directory / ADAPTER_FILE)
@@ -372,58 +374,8 @@ class MetaEmbedModel(nn.Module):
             )
 
 
-def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, count: int) -> torch.Tensor:
-    """``(B, count, H)`` baseline read-outs of left-padded hidden states ``(B, T, H)``.
-
-    "last": the last position (with left padding, every row's last valid token). "mean": the masked
-    mean over valid tokens. "split-*": valid token t of n goes to chunk ``floor(t·count/n)``; each chunk
-    is mean-pooled (a row with fewer than ``count`` tokens repeats tokens so no chunk is empty).
-    """
-    if pooling == "last":
-        return hidden[:, -1:]
-    mask = attention_mask.to(hidden.dtype)
-    if pooling == "mean":
-        return ((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1))[:, None]
-    lengths = attention_mask.sum(1)  # (B,)
-    rank = (attention_mask.cumsum(1) - 1).clamp(min=0)  # index among valid tokens
-    k = torch.arange(count, device=hidden.device)
-    start = (k[None] * lengths[:, None]) // count  # (B, count)
-    stop = torch.maximum(((k[None] + 1) * lengths[:, None]) // count, start + 1)
-    inside = (rank[:, None, :] >= start[..., None]) & (rank[:, None, :] < stop[..., None])
-    weights = (inside & attention_mask.bool()[:, None, :]).to(hidden.dtype)  # (B, count, T)
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)
-    return weights @ hidden
-
-
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
-
-
-def _resolve_checkpoint(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    text = str(name_or_path)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointError(f"checkpoint directory {text!r} does not exist (and it is not a hub id 'owner/name')")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text))
-    except Exception as error:  # offline, unknown repo, auth: the hub library raises many types
-        raise CheckpointError(f"cannot download {text!r} from the Hugging Face hub: {error}") from error
-
-
-def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    try:
-        dtype = getattr(torch, str(value).replace("torch.", ""))
-    except AttributeError:
-        dtype = None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"torch_dtype must be a floating dtype like 'float32' or 'bfloat16', got {value!r}")
-    return dtype
 
 
 def _rough_size(value: ItemLike) -> int:
