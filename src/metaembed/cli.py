@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from metaembed.errors import MetaEmbedError
 
-# Modules that define ``register(subparsers)``; a room that is not built yet is simply absent.
+# Modules that define ``register(subparsers)``: one per room, imported only to register its commands.
 COMMAND_MODULES = (
     "metaembed.demo",
     "metaembed.index.cli",
@@ -33,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaembed", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name and name.startswith(error.name):
-                continue  # room not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
