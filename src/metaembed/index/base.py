@@ -22,7 +22,6 @@ import torch
 from metaembed.budget import Budget
 from metaembed.errors import InputError, MetaEmbedError
 from metaembed.scoring import check_embeddings
-from metaembed.text import check_unicode
 
 DType = Literal["fp32", "bf16", "int8"]
 DTYPES: tuple[str, ...] = ("fp32", "bf16", "int8")
@@ -209,17 +208,3 @@ def check_search(
     if candidates is not None and not two_stage:
         raise InputError("candidates= applies only to two_stage=True searches")
     return budget
-
-
-def check_ids(ids: Sequence[str], *, what: str = "ids") -> list[str]:
-    """Validate user ids: a sequence of non-empty str, each encodable as UTF-8 (no lone surrogates)."""
-    if isinstance(ids, str | bytes):
-        raise InputError(f"{what} must be a sequence of strings, got a single {type(ids).__name__}")
-    out: list[str] = []
-    for i, item_id in enumerate(ids):
-        if not isinstance(item_id, str):
-            raise InputError(f"{what}[{i}] must be a str, got {type(item_id).__name__} {item_id!r}")
-        if not item_id:
-            raise InputError(f"{what}[{i}] is empty; ids are non-empty strings")
-        out.append(check_unicode(item_id, f"{what}[{i}] = {item_id!r}"))
-    return out

@@ -124,7 +124,8 @@ def _build(args: argparse.Namespace) -> int:
         raise InputError(f"embeddings must be (N, R, D), got shape {tuple(embeddings.shape)}")
     opts = {"url": args.url} if args.url else {}
     # Validate everything before creating the directory, so bad input leaves nothing behind.
-    from metaembed.index.base import check_dtype, check_ids
+    from metaembed.index.base import check_dtype
+    from metaembed.index.validate import check_ids
 
     dtype = args.dtype or "bf16"
     check_dtype(dtype)

@@ -36,11 +36,11 @@ from metaembed.index.base import (
     UnknownIdError,
     budget_bytes,
     check_dtype,
-    check_ids,
     check_search,
 )
-from metaembed.index.store import _dump_metadata, group_bounds, quantize_int8
+from metaembed.index.store import group_bounds, quantize_int8
 from metaembed.index.two_stage import default_candidates
+from metaembed.index.validate import check_ids, check_metadata, check_unique
 from metaembed.scoring import check_embeddings
 
 MARKER = "qdrant.json"
@@ -194,11 +194,10 @@ class QdrantIndex:
         check_embeddings(embeddings, "embeddings", num_vectors=self.num_vectors, dim=self.dim)
         if len(ids) != embeddings.shape[0]:
             raise InputError(f"got {len(ids)} ids for {embeddings.shape[0]} embeddings; pass one id per item")
-        if len(set(ids)) != len(ids):
-            raise DuplicateIdError("ids repeat within one call; each id may appear once")
+        check_unique(ids)
         if not torch.isfinite(embeddings).all():
             raise InputError("embeddings contain NaN or infinite values")
-        meta = _dump_metadata(metadata, len(ids))
+        meta = check_metadata(metadata, len(ids))
         if not replace:
             existing = sorted(self._existing(ids))
             if existing:

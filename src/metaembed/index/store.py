@@ -52,7 +52,6 @@ from metaembed.index.base import (
     UnknownIdError,
     budget_bytes,
     check_dtype,
-    check_ids,
     check_search,
 )
 from metaembed.index.storage import (
@@ -64,6 +63,7 @@ from metaembed.index.storage import (
     tensor_bytes,
     write_file,
 )
+from metaembed.index.validate import check_ids, check_metadata, check_unique
 from metaembed.scoring import check_embeddings
 
 log = logging.getLogger(__name__)
@@ -97,32 +97,6 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _checksum(body: dict[str, Any]) -> int:
     return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
-
-
-def _dump_metadata(metadata: Sequence[dict[str, Any]] | None, n: int) -> list[dict[str, Any] | None]:
-    if metadata is None:
-        return [None] * n
-    if isinstance(metadata, dict | str | bytes):
-        raise InputError("metadata must be a sequence of dicts, one per item (or None)")
-    metadata = list(metadata)
-    if len(metadata) != n:
-        raise InputError(f"got {len(metadata)} metadata entries for {n} items; pass one dict per item or None")
-    out: list[dict[str, Any] | None] = []
-    for i, entry in enumerate(metadata):
-        if entry is None:
-            out.append(None)
-            continue
-        if not isinstance(entry, dict):
-            raise InputError(f"metadata[{i}] must be a dict or None, got {type(entry).__name__}")
-        try:
-            text = json.dumps(entry, allow_nan=False, ensure_ascii=False)
-            text.encode("utf-8")
-        except (TypeError, ValueError) as error:
-            raise InputError(
-                f"metadata[{i}] is not JSON-serialisable ({error}); use str/int/float/bool/list/dict"
-            ) from None
-        out.append(json.loads(text))
-    return out
 
 
 def _locked(method):
@@ -540,14 +514,11 @@ class EmbeddedIndex:
         check_embeddings(embeddings, "embeddings", num_vectors=self.num_vectors, dim=self.dim)
         if len(ids) != embeddings.shape[0]:
             raise InputError(f"got {len(ids)} ids for {embeddings.shape[0]} embeddings; pass one id per item")
-        seen: set[str] = set()
-        repeated = sorted({i for i in ids if i in seen or seen.add(i)})
-        if repeated:
-            raise DuplicateIdError(f"ids repeat within one call: {repeated[:5]}; each id may appear once")
+        check_unique(ids)
         embeddings = embeddings.detach().to("cpu", torch.float32)
         if not torch.isfinite(embeddings).all():
             raise InputError("embeddings contain NaN or infinite values")
-        return ids, embeddings, _dump_metadata(metadata, len(ids))
+        return ids, embeddings, check_metadata(metadata, len(ids))
 
     def _write_segment(
         self, ids: list[str], embeddings: torch.Tensor, metadata: list[dict[str, Any] | None]

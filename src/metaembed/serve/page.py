@@ -91,7 +91,7 @@ def page_router(
     )  # fmt: skip
     def thumbnail(item_id: str = Query(..., alias="id", min_length=1, max_length=1024)) -> Response:
         """A PNG of an indexed item's image, at most 256 px a side (needs ``--image-dir``)."""
-        from metaembed.index.base import check_ids
+        from metaembed.index.validate import check_ids
 
         if index is None or config.image_dir is None:
             raise NotFoundError("thumbnails are off: start the server with --index and --image-dir")
