@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from serve_images import data_url
 
-from metaembed.serve.cli import open_or_create_index
+from metaembed.index.ingestion import open_for_model
 
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -199,7 +199,7 @@ def test_the_connection_stays_usable_after_a_500(live_server, caplog):
 
 @pytest.fixture
 def index_client(make_client, serve_model, tmp_path):
-    index = open_or_create_index(tmp_path / "index", serve_model)
+    index = open_for_model(tmp_path / "index", serve_model)
     client = make_client(index, api_key=KEY)
     response = client.post("/v1/index/add", json={"items": ["a", "b"], "ids": ["a", "b"]}, headers=AUTH)
     assert response.status_code == 200
@@ -245,9 +245,9 @@ def test_a_damaged_index_is_503_and_the_body_names_no_server_path(index_client):
 
 
 def test_a_read_only_index_is_served_and_refuses_writes(make_client, serve_model, tmp_path):
-    writer = open_or_create_index(tmp_path / "index", serve_model)
+    writer = open_for_model(tmp_path / "index", serve_model)
     writer.add(["x"], torch.nn.functional.normalize(torch.randn(1, 64, 64), dim=-1))
-    reader = open_or_create_index(tmp_path / "index", serve_model, read_only=True)  # while the writer holds it
+    reader = open_for_model(tmp_path / "index", serve_model, read_only=True)  # while the writer holds it
     client = make_client(reader, api_key=KEY)
     assert client.post("/v1/search", json={"query": "x"}).json()["results"][0]["id"] == "x"
     response = client.post("/v1/index/add", json={"items": ["y"], "ids": ["y"]}, headers=AUTH)

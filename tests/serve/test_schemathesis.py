@@ -78,12 +78,12 @@ def _fuzz(operation, mode, examples: int, record: dict, key: str | None) -> None
 
 @pytest.fixture
 def fuzz_client(make_client, serve_model, tmp_path):
-    from metaembed.serve.cli import open_or_create_index
+    from metaembed.index.ingestion import open_for_model
 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(png_bytes())
     client = make_client(
-        open_or_create_index(tmp_path / "index", serve_model), api_key=KEY, image_dir=tmp_path / "imgs", max_items=16
+        open_for_model(tmp_path / "index", serve_model), api_key=KEY, image_dir=tmp_path / "imgs", max_items=16
     )
     client.post(
         "/v1/index/add",

@@ -180,26 +180,39 @@ def ingest(
 
 
 def open_for_model(
-    path: str | os.PathLike[str], model: Any, *, dtype: str | None = None, backend: str | None = None, **opts: Any
+    path: str | os.PathLike[str],
+    model: Any,
+    *,
+    dtype: str | None = None,
+    backend: str | None = None,
+    read_only: bool = False,
+    **opts: Any,
 ) -> Any:
-    """The index at ``path`` if there is one (it must fit the model), else a new one sized for the model."""
+    """The index at ``path`` if there is one (it must fit the model), else a new one sized for the model.
+
+    ``read_only`` opens an existing index as a reader: never created, never written, no writer lock.
+    """
     from metaembed.index import create_index, open_index
     from metaembed.index.base import IndexNotFoundError
 
     try:
-        store = open_index(path, backend=backend if opts.get("url") else None, **opts)
+        reader = {"read_only": True} if read_only else {}  # only then: not every backend takes the option
+        store = open_index(path, backend=backend if opts.get("url") else None, **opts, **reader)
     except IndexNotFoundError:
+        if read_only:
+            raise
         count = model.num_vectors("candidate")
         return create_index(path, model.embedding_dim, count, dtype=dtype or "bf16", backend=backend or "embedded",
                             **opts)  # fmt: skip
-    problem = None
-    if backend is not None and store.backend != backend:
-        problem = f"{path} holds a {store.backend} index, not {backend}"
-    elif dtype is not None and store.dtype != dtype:
-        problem = f"{path} stores {store.dtype}, not {dtype}; leave the dtype out to add to it"
-    if problem:
+    try:
+        if backend is not None and store.backend != backend:
+            raise InputError(f"{path} holds a {store.backend} index, not {backend}")
+        if dtype is not None and store.dtype != dtype:
+            raise InputError(f"{path} stores {store.dtype}, not {dtype}; leave the dtype out to add to it")
+        _check_fits(store, model)
+    except InputError:
         store.close()
-        raise InputError(problem)
+        raise
     return store
 
 

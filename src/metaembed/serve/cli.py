@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -41,9 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", help="torch device for the model, e.g. cuda (default cpu)")
     parser.add_argument(
         "--index-dtype",
-        default="bf16",
         choices=("fp32", "bf16", "int8"),
-        help="storage dtype when the index is created (default bf16)",
+        help="storage dtype when the index is created (default bf16); an existing index must already store it",
     )
     parser.add_argument("--no-batching", action="store_true", help="encode each request on its own")
     parser.add_argument("--max-batch-items", type=int, default=32, help="items per forward pass (default 32)")
@@ -57,6 +57,12 @@ def register(subparsers) -> None:
         default=16,
         help="embeddings/search requests in progress at most; more get an immediate 503 (default 16)",
     )
+    parser.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (default 5); raise it behind a proxy that reuses them",
+    )
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
 
@@ -66,6 +72,7 @@ def build(args: argparse.Namespace):
     import torch
 
     from metaembed.errors import InputError
+    from metaembed.index.ingestion import open_for_model
     from metaembed.model import MetaEmbedModel
     from metaembed.model.card import read_quality
     from metaembed.serve.app import create_app
@@ -75,6 +82,8 @@ def build(args: argparse.Namespace):
         if args.torch_threads < 1:
             raise InputError(f"--torch-threads must be at least 1, got {args.torch_threads}")
         torch.set_num_threads(args.torch_threads)
+    if not (math.isfinite(args.timeout_keep_alive) and args.timeout_keep_alive > 0):
+        raise InputError(f"--timeout-keep-alive must be a finite number > 0, got {args.timeout_keep_alive!r}")
     if args.image_dir is not None and not args.image_dir.is_dir():
         raise InputError(f"--image-dir {str(args.image_dir)!r} is not a directory")
     if args.read_only and not args.index:
@@ -82,14 +91,17 @@ def build(args: argparse.Namespace):
     # the limits are checked before the model loads and before an index directory is created
     config = server_config(args, load_api_key(args.api_key_file))
     model = MetaEmbedModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
-    index = open_or_create_index(args.index, model, args.index_dtype, read_only=args.read_only) if args.index else None
+    index = None
+    if args.index:
+        index = open_for_model(args.index, model, dtype=args.index_dtype, read_only=args.read_only)
     return create_app(model, index, config, quality=read_quality(args.model))  # the page shows it per budget
 
 
 def server_config(args: argparse.Namespace, api_key: str | None):
     """The :class:`ServeConfig` of these arguments; a value out of range is an InputError naming its flag."""
     from metaembed.errors import InputError
-    from metaembed.serve.config import ServeConfig, ServeConfigError
+    from metaembed.serve.config import ServeConfig
+    from metaembed.serve.errors import ServeConfigError
 
     values = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in CONFIG_FLAGS.items()}
     try:
@@ -104,28 +116,6 @@ def server_config(args: argparse.Namespace, api_key: str | None):
         if error.field not in CONFIG_FLAGS:
             raise
         raise InputError(f"{CONFIG_FLAGS[error.field]} {error.requirement}, got {error.value!r}") from None
-
-
-def open_or_create_index(path: str | Path, model, dtype: str = "bf16", *, read_only: bool = False):
-    """Open the index at ``path``, or create an empty one sized for ``model`` (its D and R_c).
-
-    ``read_only`` opens an existing index as a reader (never created, never written, no writer lock).
-    """
-    from metaembed.errors import InputError
-    from metaembed.index import create_index, open_index
-
-    path = Path(path)
-    if read_only or (path.exists() and any(path.iterdir())):
-        index = open_index(path, read_only=True) if read_only else open_index(path)
-        dim, vectors = index.dim, index.num_vectors
-        if (dim, vectors) != (model.embedding_dim, model.num_vectors("candidate")):
-            index.close()
-            raise InputError(
-                f"index {str(path)!r} holds {vectors} vectors of dimension {dim}, but the model makes "
-                f"{model.num_vectors('candidate')} of dimension {model.embedding_dim}; use a matching index"
-            )
-        return index
-    return create_index(path, model.embedding_dim, model.num_vectors("candidate"), dtype=dtype)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,5 +134,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"metaembed serve: http://{args.host}:{args.port} (docs at /docs, schema at /openapi.json)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_keep_alive=args.timeout_keep_alive,
+    )
     return 0

@@ -6,17 +6,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from metaembed.errors import InputError
+from metaembed.serve.errors import ServeConfigError
 
 MiB = 1024 * 1024
-
-
-class ServeConfigError(InputError):
-    """A limit or knob of :class:`ServeConfig` out of range; ``field`` names it so the CLI can name its flag."""
-
-    def __init__(self, field: str, requirement: str, value: object) -> None:
-        super().__init__(f"{field} {requirement}, got {value!r}")
-        self.field, self.requirement, self.value = field, requirement, value
 
 
 @dataclass

@@ -1,29 +1,30 @@
-"""Errors the service turns into HTTP responses; each knows its status code and OpenAI-style error type."""
+"""The service's errors: a subtree of :class:`~metaembed.errors.MetaEmbedError` rooted at :class:`ServeError`.
+
+A refused request is a :class:`RequestError` that knows its HTTP status and OpenAI-style error type
+(:func:`metaembed.serve.responses.refusal` turns it into the answer); a limit or knob out of range is a
+:class:`ServeConfigError`, raised before the service starts. Pure exceptions: importing them needs no web framework.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from starlette.responses import JSONResponse
-
-from metaembed.errors import MetaEmbedError
-
-
-class ErrorJSON(JSONResponse):
-    """Error bodies are ASCII-escaped JSON, so even a message quoting broken Unicode renders."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def error_response(status: int, message: str, error_type: str, param: str | None = None, headers=None) -> ErrorJSON:
-    """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    return ErrorJSON(body, status_code=status, headers=headers)
+from metaembed.errors import InputError, MetaEmbedError
 
 
 class ServeError(MetaEmbedError):
+    """Base of every error the service raises on purpose (``except ServeError`` catches them all)."""
+
+
+class ServeConfigError(ServeError, InputError):
+    """A limit or knob of ``ServeConfig`` out of range; ``field`` names it so the CLI can name its flag."""
+
+    def __init__(self, field: str, requirement: str, value: object) -> None:
+        super().__init__(f"{field} {requirement}, got {value!r}")
+        self.field, self.requirement, self.value = field, requirement, value
+
+
+class RequestError(ServeError):
     """A request the service refuses; ``status`` and ``error_type`` go into the JSON error body."""
 
     status: ClassVar[int] = 400
@@ -34,35 +35,35 @@ class ServeError(MetaEmbedError):
         self.param = param
 
 
-class BadRequestError(ServeError, ValueError):
+class BadRequestError(RequestError, ValueError):
     """Malformed input: bad base64, not an image, text that is not valid Unicode, a path outside the image dir."""
 
 
-class PayloadTooLargeError(ServeError):
+class PayloadTooLargeError(RequestError):
     status = 413
     error_type = "payload_too_large"
 
 
-class AuthenticationError(ServeError):
+class AuthenticationError(RequestError):
     status = 401
     error_type = "authentication_error"
 
 
-class PermissionDeniedError(ServeError):
+class PermissionDeniedError(RequestError):
     status = 403
     error_type = "permission_denied"
 
 
-class NotFoundError(ServeError):
+class NotFoundError(RequestError):
     status = 404
     error_type = "not_found"
 
 
-class OverloadedError(ServeError):
+class OverloadedError(RequestError):
     status = 503
     error_type = "overloaded"
 
 
-class EncodeTimeoutError(ServeError):
+class EncodeTimeoutError(RequestError):
     status = 504
     error_type = "timeout"

@@ -195,3 +195,21 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "bad input (what was wrong is in error.message)",
+        413: "request, item or image too large",
+        422: "request body does not match the schema",
+        503: "encode queue full",
+        504: "encode did not finish in time",
+    }.items()
+}
+
+
+def error_responses(**extra: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route: the common errors plus ``_404="why"`` style extras."""
+    codes = {int(code.lstrip("_")): text for code, text in extra.items()}
+    return {**ERROR_RESPONSES, **{c: {"model": ErrorResponse, "description": t} for c, t in codes.items()}}

@@ -1,10 +1,9 @@
-"""One flood process for test_flood.py: CLIENTS connections without a key loop on /v1/embeddings for SECONDS.
+"""One flood process of serve_soak.py: CLIENTS connections without a key loop on /v1/embeddings for SECONDS.
 
-Run as ``python flood_client.py URL CLIENTS SECONDS``; prints one JSON object: the answers by status (or by
-error type), every 503's latency as this process measured it, each transport error, and how much CPU this process
-got. The CPU
-figures say whose time a slow 503 was: ``runqueue_wait_s`` is how long this process was ready to run but
-waited for a core (from /proc/self/schedstat), which every latency it measures includes.
+Run as ``python serve_flood_client.py URL CLIENTS SECONDS``; prints one JSON object: the answers by status (or by
+error type), every answer's latency by status as this process measured it, each transport error, and how much CPU
+this process got. The CPU figures say whose time a slow 503 was: ``runqueue_wait_s`` is how long this process was
+ready to run but waited for a core (from /proc/self/schedstat), which every latency it measures includes.
 """
 
 from __future__ import annotations
@@ -27,14 +26,14 @@ def schedstat() -> tuple[float, float]:
     return on_cpu / 1e9, waiting / 1e9
 
 
-async def client(http: httpx.AsyncClient, url: str, stop: float, counts: dict[str, int], waits: list[float], errors):
+async def client(http: httpx.AsyncClient, url: str, stop: float, counts: dict[str, int], waits: dict, errors):
     while time.monotonic() < stop:
         start = time.perf_counter()
         try:
             response = await http.post(url + "/v1/embeddings", json=BODY, timeout=60)
             key = str(response.status_code)
+            waits.setdefault(key, []).append(time.perf_counter() - start)
             if response.status_code == 503:
-                waits.append(time.perf_counter() - start)
                 await asyncio.sleep(float(response.headers.get("retry-after", "1")) / 10)
         except httpx.HTTPError as error:
             key = type(error).__name__
@@ -44,7 +43,7 @@ async def client(http: httpx.AsyncClient, url: str, stop: float, counts: dict[st
 
 async def main(url: str, clients: int, seconds: float) -> dict:
     counts: dict[str, int] = {}
-    waits: list[float] = []
+    waits: dict[str, list[float]] = {}
     errors: list[list] = []
     cpu_before, wait_before = schedstat()
     wall = time.perf_counter()
@@ -56,7 +55,7 @@ async def main(url: str, clients: int, seconds: float) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "counts": counts,
-        "latencies_503_s": waits,
+        "latencies_s": waits,  # by status
         "transport_errors": errors,  # [type, the underlying error, seconds after the request was sent]
         "wall_s": time.perf_counter() - wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
