@@ -10,6 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_report_header(config) -> str:
+    """Which MaxSim engine the scoring tests exercise on this machine (CI logs show it on the first lines)."""
+    from metaembed import fused
+
+    return f"metaembed scoring: fused bf16 MaxSim kernel {fused.status()}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_transformers():
     import transformers

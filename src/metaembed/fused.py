@@ -22,11 +22,9 @@ import torch
 
 from metaembed.native import load_library
 
-# Query vectors per call the kernel takes (its limit). Scoring uses it up to MAX_QUERY_VECTORS_FAST (one
-# query): a batch of queries is a real GEMM, and oneDNN's blocked kernels are as fast or faster there (32
-# queries at 1x1 / 2x4: equal within 10%; benchmarks/maxsim_roofline.py, docs/kernels.md).
+# Query vectors one kernel call takes (its running maxima must fit its buffer); larger batches are scored in
+# groups of whole queries, which changes nothing in any query's scores (each dot product is accumulated alone).
 MAX_QUERY_VECTORS = 1024
-MAX_QUERY_VECTORS_FAST = 16
 # Items per thread below which splitting the work across threads costs more than it saves.
 _MIN_ITEMS_PER_THREAD = 4096
 
@@ -86,10 +84,11 @@ def status() -> str:
 def supports(queries: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
     """Whether :func:`fused_scores` takes these inputs and is the faster path for them.
 
-    bf16 candidate blocks on the CPU, no int8 scales, each item's vectors contiguous rows of D values, and at
-    most :data:`MAX_QUERY_VECTORS_FAST` query vectors (wider batches are GEMM-shaped: oneDNN is faster).
+    bf16 candidate blocks on the CPU, no int8 scales, each item's vectors rows of D contiguous values (items may
+    lie any stride apart), and at most :data:`MAX_QUERY_VECTORS` vectors per query. Any number of queries: the
+    kernel gives every query the same scores alone and in a batch, so all bf16 CPU scoring goes through it.
     """
-    if queries.device.type != "cpu" or queries.shape[0] * queries.shape[1] > MAX_QUERY_VECTORS_FAST:
+    if queries.device.type != "cpu" or queries.shape[1] > MAX_QUERY_VECTORS:
         return False
     for vectors, scale in blocks:
         if scale is not None or vectors.dtype != torch.bfloat16 or vectors.device.type != "cpu":
@@ -105,14 +104,15 @@ def fused_scores(
     """``(nq, N)`` fp32 MaxSim scores of all ``queries (nq, r_q, D)`` vectors against the blocks' vectors.
 
     ``blocks`` as in :func:`metaembed.scoring.score_blocks` (bf16, no scales; check :func:`supports` first).
-    Disjoint item ranges run on ``threads`` threads (default ``torch.get_num_threads()``).
+    Disjoint item ranges run on ``threads`` threads (default ``torch.get_num_threads()``); each range is scored
+    for groups of whole queries of at most :data:`MAX_QUERY_VECTORS` vectors per kernel call.
     """
     lib = _library()
     if lib is None:
         raise RuntimeError("the fused MaxSim kernel is not available on this machine (see metaembed.fused)")
     nq, r_q, dim = queries.shape
-    if nq * r_q > MAX_QUERY_VECTORS:
-        raise ValueError(f"the fused kernel takes at most {MAX_QUERY_VECTORS} query vectors, got {nq * r_q}")
+    if r_q > MAX_QUERY_VECTORS:
+        raise ValueError(f"the fused kernel takes at most {MAX_QUERY_VECTORS} vectors per query, got {r_q}")
     n = blocks[0][0].shape[0]
     q = queries.reshape(nq * r_q, dim).to(torch.bfloat16).contiguous()
     bases = (ctypes.c_void_p * len(blocks))(*(v.data_ptr() for v, _ in blocks))
@@ -120,12 +120,17 @@ def fused_scores(
     strides = (ctypes.c_int64 * len(blocks))(*(v.stride(0) for v, _ in blocks))
     scores = torch.empty(nq, n, dtype=torch.float32)
 
+    per_call = MAX_QUERY_VECTORS // r_q
+
     def run(lo: int, hi: int) -> None:
-        code = lib.metaembed_maxsim_bf16(
-            q.data_ptr(), nq, r_q, dim, len(blocks), bases, takes, strides, lo, hi, scores.data_ptr(), n
-        )
-        if code != 0:
-            raise MemoryError("the fused MaxSim kernel could not allocate its running-max buffer")
+        for first in range(0, nq, per_call):
+            count = min(per_call, nq - first)
+            code = lib.metaembed_maxsim_bf16(
+                q.data_ptr() + first * r_q * dim * q.element_size(), count, r_q, dim, len(blocks), bases, takes,
+                strides, lo, hi, scores.data_ptr() + first * n * scores.element_size(), n,
+            )  # fmt: skip
+            if code != 0:
+                raise MemoryError("the fused MaxSim kernel could not allocate its running-max buffer")
 
     workers = max(1, min(threads or torch.get_num_threads(), n // _MIN_ITEMS_PER_THREAD))
     if workers == 1:

@@ -56,12 +56,15 @@ def _resolve(queries: torch.Tensor, candidates: torch.Tensor, budget: Budget | s
 
 
 def compute_dtype(candidates_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype the GEMM runs in: the candidates' (they are the big operand), except fp16 on CPU.
+    """The dtype the GEMM engine computes in: the candidates' (the big operand), widened where it must be.
 
-    CPUs without AMX-FP16 run fp16 GEMMs no faster than fp32 and with fp16 rounding, so fp16 is
-    widened to fp32 there; bf16 stays bf16 because AVX512-BF16 / AMX-BF16 make it ~5-6× faster than fp32.
+    On CPU, bf16 and fp16 are widened to fp32 (chunk by chunk, in a cache-resident buffer): a torch bf16 GEMM
+    rounds every dot product to bf16 (and oneDNN picks its blocking by shape), so a query's scores would change
+    with the number of queries sharing the call. One-query and batch bf16 scoring normally runs on the fused
+    kernel (:mod:`metaembed.fused`) instead; this widening is the fallback where it is not built or the CPU
+    lacks AVX512-BF16. On CUDA bf16 stays bf16 (cuBLAS rounds each dot product to bf16).
     """
-    if candidates_dtype == torch.float16 and device.type == "cpu":
+    if device.type == "cpu" and candidates_dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return candidates_dtype
 
@@ -82,8 +85,9 @@ def maxsim(
         chunk_size: candidates scored per step; default keeps each step's similarity block cache-sized.
 
     Returns:
-        ``(nq, N)`` float32 scores (float64 for float64 inputs). With bf16 candidates the GEMM output is bf16 (each dot
-        product carries bf16 rounding, ~2⁻⁹ relative); the sum over query vectors is fp32.
+        ``(nq, N)`` float32 scores (float64 for float64 inputs). With bf16 candidates the queries are rounded to bf16
+        and every dot product is accumulated in fp32 on CPU, so a query's scores do not depend on how many queries
+        share the call (:func:`score_blocks` says how exactly, per engine).
 
     Example:
         >>> q, c = torch.randn(2, 16, 8), torch.randn(5, 64, 8)
@@ -108,19 +112,6 @@ _TARGET_VECTORS = 1 << 15
 _WIDEN_BYTES = 1 << 22
 
 
-def _orientation(dtype: torch.dtype, num_query_vectors: int, device: torch.device) -> str:
-    """Which GEMM to run: ``"cq"`` = candidates @ queriesᵀ, ``"qc"`` = queries @ candidatesᵀ.
-
-    Measured on the 2-core CPU (torch 2.13, oneDNN bf16, MKL fp32): for one query with 2–16 vectors oneDNN's
-    bf16 kernel streams the candidates ~1.5–1.8× faster as the right operand. Everywhere else (one query
-    vector, fp32, batches wider than 16, CUDA) the candidates go on the left, which also makes the max over a
-    candidate's vectors an elementwise max of contiguous rows (vectorised) rather than a short inner reduction.
-    """
-    if device.type == "cpu" and dtype == torch.bfloat16 and 2 <= num_query_vectors <= 16:
-        return "qc"
-    return "cq"
-
-
 def score_blocks(
     queries: torch.Tensor,
     blocks: list[tuple[torch.Tensor, torch.Tensor | None]],
@@ -131,14 +122,17 @@ def score_blocks(
 
     ``queries (nq, r_q, D)`` are all used; ``blocks`` is a list of ``(vectors (N, t_b, D), scale (N, t_b) | None)``
     that together hold each candidate's first ``Σ t_b`` vectors, in order (int8 blocks carry a per-vector scale).
-    Candidates are scored in row chunks; within a chunk every block runs one GEMM into a preallocated buffer,
-    the max over its vectors is taken in place and folded into a running best, and the sum over query
-    vectors goes straight into the ``(nq, N)`` output — no per-chunk tensors are allocated, and no block is
-    converted to another dtype unless it must be (fp16 on CPU and int8 are widened to fp32 inside a reused,
-    cache-resident buffer). Returns float32 scores (float64 when a block is float64). No input checks here.
+    Returns float32 scores (float64 when a block is float64). No input checks here.
 
-    One query against bf16 blocks goes to the fused kernel instead (:mod:`metaembed.fused`) when it is built
-    and the CPU runs AVX512-BF16: no similarity block at all, dot products accumulated in fp32.
+    bf16 blocks on a CPU with AVX512-BF16 go to the fused kernel (:mod:`metaembed.fused`): every dot product is
+    accumulated in fp32 in the same order whatever the batch, so a query's scores are bit-identical alone and
+    inside any batch. Everything else runs torch GEMMs: candidates in row chunks; within a chunk every block runs
+    one GEMM into a preallocated buffer, the max over its vectors is taken in place and folded into a running
+    best, and the sum over query vectors goes straight into the ``(nq, N)`` output. bf16 / fp16 (CPU) and int8
+    chunks are widened to fp32 inside a reused, cache-resident buffer (queries meeting bf16 candidates are rounded
+    to bf16 first, as the kernel reads them), so these scores are fp32 dot products too: equal between batch
+    sizes within fp32 rounding (~1e-6 relative), top-k identical except for items whose scores tie that closely.
+    On CUDA, bf16 GEMMs round each dot product to bf16 and carry no such guarantee.
     """
     if fused.supports(queries, blocks):
         return fused.fused_scores(queries, blocks)
@@ -149,14 +143,18 @@ def score_blocks(
     best_dtype = dtypes[0] if len(set(dtypes)) == 1 else torch.float32
     out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     m = nq * r_q
-    orient = _orientation(best_dtype, m, device)
-    q_by_dtype = {dt: queries.reshape(m, dim).to(dt).contiguous() for dt in set(dtypes)}
+    flat_queries = queries.reshape(m, dim)
+    # queries as each block's GEMM reads them; against bf16 blocks rounded to bf16 first, as the fused kernel reads them
+    q_of = {}
+    for (v, _), dt in zip(blocks, dtypes, strict=True):
+        rounded = flat_queries.to(torch.bfloat16) if v.dtype == torch.bfloat16 else flat_queries
+        q_of[(v.dtype, dt)] = rounded.to(dt).contiguous()
     total = sum(v.shape[1] for v, _ in blocks)
     widest = max(v.shape[1] for v, _ in blocks)
     rows = chunk_size or max(1, min(_TARGET_VECTORS // total, _CHUNK_ELEMENTS // (m * widest)))
     widened = [v.shape[1] * dt.itemsize for (v, _), dt in zip(blocks, dtypes, strict=True) if v.dtype != dt]
     if widened and chunk_size is None:
-        # keep the widened copy of a chunk in cache: spilling it to DRAM costs more traffic than the int8 read
+        # keep the widened copy of a chunk in cache: spilling it to DRAM costs more traffic than the narrow read
         rows = min(rows, max(1, _WIDEN_BYTES // (max(widened) * dim)))
     rows = min(rows, n)
     scores = torch.empty(nq, n, dtype=out_dtype, device=device)
@@ -173,43 +171,32 @@ def score_blocks(
 
     for lo in range(0, n, rows):
         k = min(rows, n - lo)
-        shape = (m, k) if orient == "qc" else (k, m)
-        best = best_buf[: m * k].view(shape)
+        best = best_buf[: m * k].view(k, m)
         for b, ((vectors, scale), dt) in enumerate(zip(blocks, dtypes, strict=True)):
             t = vectors.shape[1]
             flat = vectors[lo : lo + k].reshape(k * t, dim)
             if flat.dtype != dt:
                 flat = wide_buf[dt][: k * t * dim].view(k * t, dim).copy_(flat)
-            qm = q_by_dtype[dt]
-            target = best if b == 0 else tmp_buf[: m * k].view(shape)
+            target = best if b == 0 else tmp_buf[: m * k].view(k, m)
             # one vector per candidate in this block: the GEMM writes straight into the running best
             direct = t == 1 and dt == best_dtype
-            if orient == "qc":
-                sims = target if direct else sims_buf[dt][: m * k * t].view(m, k * t)
-                torch.matmul(qm, flat.T, out=sims)
-                if scale is not None:
-                    sims.mul_(scale[lo : lo + k].reshape(1, k * t).to(dt))
-                grouped, reduce_dim = sims.view(m, k, t), 2
-            else:
-                sims = target if direct else sims_buf[dt][: m * k * t].view(k * t, m)
-                torch.matmul(flat, qm.T, out=sims)
-                if scale is not None:
-                    sims.mul_(scale[lo : lo + k].reshape(k * t, 1).to(dt))
-                grouped, reduce_dim = sims.view(k, t, m), 1
+            sims = target if direct else sims_buf[dt][: m * k * t].view(k * t, m)
+            torch.matmul(flat, q_of[(vectors.dtype, dt)].T, out=sims)
+            if scale is not None:
+                sims.mul_(scale[lo : lo + k].reshape(k * t, 1).to(dt))
+            # candidates on the left: the max over a candidate's vectors is an elementwise max of contiguous rows
+            grouped = sims.view(k, t, m)
             if direct:
                 pass
             elif t == 1:
-                target.copy_(grouped.squeeze(reduce_dim))
+                target.copy_(grouped.squeeze(1))
             elif dt == best_dtype:
-                torch.amax(grouped, dim=reduce_dim, out=target)
+                torch.amax(grouped, dim=1, out=target)
             else:
-                target.copy_(grouped.amax(dim=reduce_dim))
+                target.copy_(grouped.amax(dim=1))
             if b > 0:
                 torch.maximum(best, target, out=best)
-        if orient == "qc":
-            torch.sum(best.view(nq, r_q, k), dim=1, dtype=out_dtype, out=scores[:, lo : lo + k])
-        else:
-            scores[:, lo : lo + k] = best.view(k, nq, r_q).sum(dim=2, dtype=out_dtype).T
+        scores[:, lo : lo + k] = best.view(k, nq, r_q).sum(dim=2, dtype=out_dtype).T
     return scores
 
 

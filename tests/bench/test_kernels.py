@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from metaembed import Budget, maxsim
 from metaembed.index.kernels import maxsim_grouped
-from metaembed.scoring import _orientation
 
 BOUNDS = (0, 1, 4, 8, 16, 64)
 
@@ -38,15 +37,15 @@ def split(x: torch.Tensor, bounds=BOUNDS) -> list[torch.Tensor]:
 
 def check(got: torch.Tensor, expected: torch.Tensor, dtype: str, r_q: int) -> None:
     assert got.dtype == torch.float32 and got.shape == expected.shape
-    if dtype == "bf16":  # each max carries one bf16 rounding of a |value| <= 1
-        torch.testing.assert_close(got.double(), expected, rtol=0, atol=r_q * 2**-8)
+    if dtype == "bf16":  # fp32 dot products of bf16 values (expected on the rounded inputs): a few ulps each
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=r_q * 2**-14)
     else:
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * r_q)
 
 
 @pytest.mark.parametrize("budget", [*Budget.LADDER, Budget(3, 5), Budget(16, 20), Budget(5, 64)], ids=str)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
-@pytest.mark.parametrize("nq", [1, 9])  # both GEMM orientations: "qc" for one query at 2..16 vectors, "cq" else
+@pytest.mark.parametrize("nq", [1, 9])
 def test_grouped_every_dtype_and_budget_matches_float64(budget, dtype, nq):
     gen = torch.Generator().manual_seed(hash((str(budget), dtype, nq)) % 2**31)
     q, c = unit((nq, 16, 96), gen), unit((300, 64, 96), gen)
@@ -69,14 +68,6 @@ def test_grouped_every_dtype_and_budget_matches_float64(budget, dtype, nq):
         expected = reference(q32.to(torch_dtype) if dtype == "bf16" else q32, stored, budget)
     check(maxsim_grouped(q32, groups, budget, scales), expected, dtype, budget.r_q)
     check(maxsim_grouped(q32, groups, budget, scales, chunk_size=7), expected, dtype, budget.r_q)
-
-
-def test_both_gemm_orientations_are_exercised():
-    assert _orientation(torch.float32, 4, torch.device("cpu")) == "cq"
-    assert _orientation(torch.bfloat16, 16, torch.device("cpu")) == "qc"
-    assert _orientation(torch.bfloat16, 4, torch.device("cpu")) == "qc"
-    assert _orientation(torch.bfloat16, 1, torch.device("cpu")) == "cq"
-    assert _orientation(torch.bfloat16, 64, torch.device("cpu")) == "cq"
 
 
 def test_float64_inputs_score_in_float64():
