@@ -187,12 +187,12 @@ def _hand_soft_loss(q, pos, neg, groups, tau, tau_s, mask=None):
     return total / len(groups)
 
 
-def _hand_diversity(vectors):
+def _hand_diversity(vectors, margin=0.0):
     per_item = []
     for item in vectors:
         unit = [row / math.sqrt(float(row @ row)) for row in item]
         r = len(unit)
-        pairs = [float(unit[i] @ unit[j]) ** 2 for i in range(r) for j in range(r) if i != j]
+        pairs = [max(abs(float(unit[i] @ unit[j])) - margin, 0.0) ** 2 for i in range(r) for j in range(r) if i != j]
         per_item.append(sum(pairs) / (r * (r - 1)))
     return sum(per_item) / len(per_item)
 
@@ -267,6 +267,21 @@ def test_diversity_penalty_matches_hand_computation():
     assert diversity_penalty(_unit(3, 1, 4, seed=32)).item() == 0.0
     leaf = vectors.clone().requires_grad_()
     assert torch.autograd.gradcheck(diversity_penalty, (leaf,))
+
+
+@pytest.mark.parametrize("margin", [0.3, 0.8])
+def test_diversity_margin_penalises_only_the_cosine_above_it(margin):
+    g = torch.Generator().manual_seed(35)
+    base = torch.randn(4, 1, 6, generator=g, dtype=torch.float64)
+    vectors = base + 0.6 * torch.randn(4, 5, 6, generator=g, dtype=torch.float64)  # a mix of near and far pairs
+    got = diversity_penalty(vectors, margin).item()
+    assert got == pytest.approx(_hand_diversity(vectors, margin), rel=1e-12) and got > 0
+    assert got < diversity_penalty(vectors).item()
+    copies = _unit(2, 1, 6, seed=36).expand(2, 3, 6)
+    assert diversity_penalty(copies, margin).item() == pytest.approx((1 - margin) ** 2, rel=1e-12)
+    assert diversity_penalty(torch.eye(6, dtype=torch.float64)[None], margin).item() == 0.0
+    with pytest.raises(TrainConfigError, match="diversity_margin"):
+        MatryoshkaMultiVectorLoss(_Vectors(), diversity_weight=1.0, diversity_margin=1.0)
 
 
 def test_module_adds_the_weighted_diversity_of_queries_and_candidates():

@@ -181,6 +181,7 @@ def test_regulariser_keys_reach_the_model_loss_and_head_learning_rate(tiny_backb
         "train.head_learning_rate=0.5",
     ]
     trainer = MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path, *keys, "train.max_steps=3", "train.cache_chunk_size=3"))
+    assert trainer.loss_fn.diversity_margin == 0.25
     norms = trainer.model.meta_tokens.weight.detach().norm(dim=1)
     torch.testing.assert_close(norms, torch.full_like(norms, float(norms[0])))
     assert norms[0] > 0.1  # token-embedding length, not the 0.02-std normal init

@@ -121,11 +121,14 @@ def annealed_temperature(start: float | None, anneal_steps: int, step: int) -> f
     return float(start) * max(0.0, 1.0 - step / anneal_steps)
 
 
-def diversity_penalty(vectors: torch.Tensor) -> torch.Tensor:
-    """Mean over items of the mean squared cosine between an item's distinct vectors: ``(n, R, D)`` → scalar.
+def diversity_penalty(vectors: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean over items of ``relu(|cos| − margin)²`` over an item's distinct vector pairs: ``(n, R, D)`` → scalar.
 
-    Per item ``‖VVᵀ − I‖_F² / (R(R−1))`` with ``V`` the item's L2-normalised vectors: 0 when they are
-    orthogonal, 1 when they are copies of one another. One vector per item gives 0.
+    With ``margin`` 0 this is ``‖VVᵀ − I‖_F² / (R(R−1))`` with ``V`` the item's L2-normalised vectors: 0 when
+    they are orthogonal, 1 when they are copies. A margin m leaves pairs with ``|cos| ≤ m`` alone, so the
+    penalty spreads copies apart without pushing every pair toward orthogonal — a strong plain penalty
+    (λ = 2) spread a page's vectors to mean cosine 0.44 but made its 64 vectors worse than its 16
+    (docs/results.md). One vector per item gives 0.
     """
     count = vectors.shape[1]
     if count < 2:
@@ -134,7 +137,8 @@ def diversity_penalty(vectors: torch.Tensor) -> torch.Tensor:
         unit = F.normalize(vectors.to(torch.promote_types(vectors.dtype, torch.float32)), dim=-1)
         gram = unit @ unit.transpose(1, 2)
         diagonal = torch.eye(count, dtype=torch.bool, device=vectors.device)
-        return gram.masked_fill(diagonal, 0).square().sum((1, 2)).div(count * (count - 1)).mean()
+        excess = (gram.abs() - margin).clamp(min=0) if margin else gram
+        return excess.masked_fill(diagonal, 0).square().sum((1, 2)).div(count * (count - 1)).mean()
 
 
 def mmr_loss(
@@ -230,6 +234,8 @@ class MatryoshkaMultiVectorLoss(nn.Module):
             hard max. Serving scores are unchanged (hard max).
         soft_max_anneal_steps: τ_s falls linearly to 0 over this many steps (:func:`annealed_temperature`,
             read at :attr:`step`, which the trainer sets); 0: τ_s stays at its start value.
+        diversity_margin: m of :func:`diversity_penalty`: pairs of an item's vectors with ``|cos| ≤ m`` are not
+            penalised (0: every pair is).
         diversity_weight: λ; adds ``λ·(P_q + P_c)/2`` with ``P`` the :func:`diversity_penalty` of this
             rank's queries and of its candidates (positives and negatives); 0: off.
 
@@ -261,6 +267,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         soft_max_temperature: float | None = None,
         soft_max_anneal_steps: int = 0,
         diversity_weight: float = 0.0,
+        diversity_margin: float = 0.0,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -273,6 +280,8 @@ class MatryoshkaMultiVectorLoss(nn.Module):
             raise TrainConfigError(f"soft_max_anneal_steps must be ≥ 0 (0 = no annealing), got {soft_max_anneal_steps}")
         if diversity_weight < 0:
             raise TrainConfigError(f"diversity_weight must be ≥ 0 (0 = off), got {diversity_weight}")
+        if not 0 <= diversity_margin < 1:
+            raise TrainConfigError(f"diversity_margin must be in [0, 1) (a cosine), got {diversity_margin}")
         self.model = model
         n_q, n_c = model.num_vectors("query"), model.num_vectors("candidate")
         if groups is None:
@@ -293,6 +302,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         self.soft_max_temperature = soft_max_temperature
         self.soft_max_anneal_steps = soft_max_anneal_steps
         self.diversity_weight = float(diversity_weight)
+        self.diversity_margin = float(diversity_margin)
         self.step = 0  # the training step; the trainer sets it before each step (soft-max annealing reads it)
         self.last_logs: dict[str, float] = {}
 
@@ -349,7 +359,8 @@ class MatryoshkaMultiVectorLoss(nn.Module):
         if self.soft_max_temperature:
             logs["soft_max_temperature"] = soft_temperature
         if self.diversity_weight:  # this rank's own items: no gather needed
-            diversity = (diversity_penalty(queries) + diversity_penalty(candidates)) / 2
+            margin = self.diversity_margin
+            diversity = (diversity_penalty(queries, margin) + diversity_penalty(candidates, margin)) / 2
             loss = loss + self.diversity_weight * diversity
             logs["diversity"] = float(diversity.detach())
         self.last_logs = logs

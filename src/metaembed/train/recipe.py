@@ -59,6 +59,7 @@ class LossRecipe:
     soft_max_temperature: float | None = None  # τ_s: MaxSim's max → τ_s·logsumexp(s/τ_s) in the loss; null = hard max
     soft_max_anneal_steps: int = 0  # τ_s falls linearly to 0 over this many steps (0: constant)
     diversity_weight: float = 0.0  # λ · mean squared cosine between an item's own vectors (0: off)
+    diversity_margin: float = 0.0  # only the part of |cos| above this margin is penalised
 
 
 @dataclass

@@ -98,6 +98,7 @@ class MetaEmbedTrainer:
             soft_max_temperature=loss_recipe.soft_max_temperature,
             soft_max_anneal_steps=loss_recipe.soft_max_anneal_steps,
             diversity_weight=loss_recipe.diversity_weight,
+            diversity_margin=loss_recipe.diversity_margin,
         )
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.trainable:
