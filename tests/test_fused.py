@@ -160,6 +160,21 @@ def test_a_query_scores_bit_identically_alone_and_in_any_batch(r_q, dim):
     torch.testing.assert_close(batch.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
 
 
+@needs_kernel
+@pytest.mark.parametrize("dim", [8, 384])
+def test_a_budget_of_a_full_tensor_reads_it_in_place_and_scores_as_its_dense_prefix(dim):
+    gen = torch.Generator().manual_seed(dim)
+    queries = torch.randn(3, 16, dim, generator=gen)
+    full = torch.randn(301, 64, dim, generator=gen).to(torch.bfloat16)
+    for budget in Budget.LADDER:
+        prefix = full[:, : budget.r_c]
+        assert fused.supports(queries[:, : budget.r_q], [(prefix, None)])  # items 64 rows apart: no copy
+        got = maxsim(queries, full, budget)
+        assert torch.equal(got, maxsim(queries, prefix.contiguous(), budget))
+        expected = reference(queries, full, budget)
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
+
+
 _FORK_INPUTS: list = []
 
 

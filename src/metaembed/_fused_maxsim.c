@@ -64,7 +64,7 @@ TARGET static inline __m512 sum16(const __m512 a[16]) {
 }
 
 /* Lane q * RT + r = <query q, candidate row r> for a QT x RT tile (QT * RT = 16), fp32 accumulation.
- * ahead > 0: also prefetch each row's line that many elements further on (a later tile of a contiguous block).
+ * ahead > 0: also prefetch each row's line that many elements further on (the same row of a later tile).
  * ROWS_FIRST: read each row front to back before the next (one memory stream at a time: ~1.5x the bandwidth
  * when there is little arithmetic per byte); otherwise step all rows together through D (each query load
  * feeds RT dot products: ~2x the arithmetic rate when there are many query vectors). */
@@ -128,9 +128,13 @@ TARGET static inline __attribute__((always_inline)) void fold_items(
     float dots[16];
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t take = takes[b], rows = count * take;
-        /* a block whose items' vectors are back to back is one stream: prefetch a fixed number of rows ahead */
-        const int64_t ahead =
-            item_strides[b] == take * dim ? (ROWS_FIRST ? PREFETCH_ROWS_FIRST : PREFETCH_ROWS_STEPPED) * dim : 0;
+        /* Prefetch the same vector of the item that many rows further on. Back-to-back items are one stream and
+         * this is a fixed number of rows ahead; items further apart (a budget's prefix of a full (N, R, D) tensor)
+         * are short runs the hardware prefetcher does not follow across the gap, so the software prefetch is what
+         * keeps them near the dense prefix's speed. */
+        const int64_t prefetch_rows = ROWS_FIRST ? PREFETCH_ROWS_FIRST : PREFETCH_ROWS_STEPPED;
+        const int64_t ahead = item_strides[b] == take * dim ? prefetch_rows * dim
+                                                             : (prefetch_rows + take - 1) / take * item_strides[b];
         int64_t next_item = 0, next_vector = 0; /* the next row, counted (no divisions in the loop) */
         for (int64_t r0 = 0; r0 < rows; r0 += RT) {
             const int valid_rows = rows - r0 < RT ? (int)(rows - r0) : RT;
