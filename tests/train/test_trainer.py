@@ -178,6 +178,7 @@ def test_regulariser_keys_reach_the_model_loss_and_head_learning_rate(tiny_backb
         "loss.soft_max_temperature=0.1",
         "loss.soft_max_anneal_steps=2",
         "loss.diversity_weight=0.1",
+        "loss.diversity_margin=0.25",
         "train.head_learning_rate=0.5",
     ]
     trainer = MetaEmbedTrainer(_recipe(tiny_backbone, tmp_path, *keys, "train.max_steps=3", "train.cache_chunk_size=3"))
