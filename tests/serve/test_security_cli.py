@@ -124,6 +124,8 @@ def checkpoint(serve_model, tmp_path_factory):
         ("--request-timeout", "0", "must be a finite number > 0, got 0.0"),
         ("--request-timeout", "nan", "must be a finite number > 0, got nan"),
         ("--request-timeout", "inf", "must be a finite number > 0, got inf"),
+        ("--timeout-keep-alive", "0", "must be a finite number > 0, got 0.0"),
+        ("--timeout-keep-alive", "nan", "must be a finite number > 0, got nan"),
     ],
 )
 def test_a_limit_out_of_range_is_the_usual_error_line_naming_its_flag(
@@ -136,6 +138,15 @@ def test_a_limit_out_of_range_is_the_usual_error_line_naming_its_flag(
     err = capsys.readouterr().err
     assert err == f"metaembed serve: error: {flag} {requirement}\n"
     assert not index.exists()  # refused before the index was created
+
+
+def test_an_existing_index_of_another_dtype_is_refused_not_ignored(checkpoint, serve_model, tmp_path, capsys):
+    from metaembed.cli import main
+    from metaembed.index.ingestion import open_for_model
+
+    open_for_model(tmp_path / "index", serve_model).close()  # bf16, the default
+    assert main(["serve", "--model", str(checkpoint), "--index", str(tmp_path / "index"), "--index-dtype", "int8"]) == 2
+    assert "stores bf16, not int8" in capsys.readouterr().err
 
 
 def test_serve_config_names_the_field_out_of_range():
