@@ -8,6 +8,10 @@
  * dot products against all query vectors while the vector is in registers/L1 (fp32 accumulation with
  * VDPBF16PS), and folds them into the running max per item and query vector straight away.
  *
+ * Every dot product is accumulated in the same order whatever the tile shape (the lanes of one accumulator, then
+ * the same reduction tree in sum16), so a query scores bit-identically alone and inside any batch: scoring runs
+ * every bf16 batch through this kernel for that reason, not only one query.
+ *
  * Layout (the index's "vector-major" groups): a block b holds, for every item i, takes[b] vectors of D bf16
  * values at bases[b] + i * item_strides[b] + j * D (j < takes[b]). Queries are m = nq * r_q contiguous
  * vectors of D bf16 values. scores is (nq, n) fp32, row stride n. Items [lo, hi) are scored by one call;
@@ -33,9 +37,8 @@
 /* Up to this many query vectors a tile reads its rows one after another (memory-bound: one query with r_q <= 4
  * reads D*r_c values per item for r_q*r_c*D multiply-adds); above it, all rows step through D together. */
 #define ROWS_FIRST_MAX_M 4
-/* Software prefetch distance in rows (of D values) for contiguous blocks, per loop order. Measured on a
- * 2-core Zen 5 at N = 100,000, D = 384 (docs/kernels.md): 32 rows for rows-first, 8 rows (two 4-row tiles)
- * for the arithmetic-bound order, whose tiles take longer. */
+/* Software prefetch distance in rows (of D values), per loop order: the stepped order's tiles take longer, so it
+ * looks fewer rows ahead (two 4-row tiles). The values and the machine they were tuned on: docs/kernels.md. */
 #define PREFETCH_ROWS_FIRST 32
 #define PREFETCH_ROWS_STEPPED 8
 

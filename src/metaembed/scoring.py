@@ -107,8 +107,8 @@ def maxsim(
 # Candidate vectors per step: 32k vectors (24 MB of bf16 at D = 384) amortise the per-call cost of a GEMM
 # while the step's similarity block (query vectors × 32k) stays cache-sized for one query.
 _TARGET_VECTORS = 1 << 15
-# Bytes of a chunk widened to the compute dtype (int8 → fp32, fp16 → fp32 on CPU): 4 MiB stays in cache
-# (L2 + a slice of L3) while keeping per-call overhead small; measured best of 1, 4 and 16 MiB.
+# Bytes of a chunk widened to the compute dtype (int8, and bf16 / fp16 on CPU, → fp32): 4 MiB stays in cache
+# (L2 + a slice of L3) while keeping per-call overhead small (the sizes tried: docs/kernels.md).
 _WIDEN_BYTES = 1 << 22
 
 
