@@ -93,11 +93,11 @@ def test_any_shape_any_thread_split_matches_float64(nq, n, r_q, r_c, dim, thread
     candidates = torch.randn(n, 64, dim, generator=gen).to(torch.bfloat16)
     budget = Budget(r_q, r_c)
     expected = reference(queries, candidates, budget)
-    fused._MIN_ITEMS_PER_THREAD, saved = 1, fused._MIN_ITEMS_PER_THREAD  # split even small N across threads
+    fused._MIN_PAIRS_PER_THREAD, saved = 1, fused._MIN_PAIRS_PER_THREAD  # split even small N across threads
     try:
         got = fused.fused_scores(queries, grouped_blocks(candidates, r_c), threads=threads)
     finally:
-        fused._MIN_ITEMS_PER_THREAD = saved
+        fused._MIN_PAIRS_PER_THREAD = saved
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
 
 
@@ -151,7 +151,8 @@ def test_a_query_scores_bit_identically_alone_and_in_any_batch(r_q, dim):
     queries = torch.randn(70, r_q, dim, generator=gen)
     candidates = torch.randn(37, 64, dim, generator=gen).to(torch.bfloat16)
     blocks = grouped_blocks(candidates, 13)
-    batch = fused.fused_scores(queries, blocks)
+    batch = fused.fused_scores(queries, blocks, threads=1)
+    assert torch.equal(batch, fused.fused_scores(queries, blocks, threads=2))  # split across threads from r_q = 2
     for i in (0, 1, 33, 69):
         assert torch.equal(batch[i : i + 1], fused.fused_scores(queries[i : i + 1], blocks))
     for b in (2, 5, 64):

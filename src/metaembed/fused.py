@@ -25,8 +25,9 @@ from metaembed.native import load_library
 # Query vectors one kernel call takes (its running maxima must fit its buffer); larger batches are scored in
 # groups of whole queries, which changes nothing in any query's scores (each dot product is accumulated alone).
 MAX_QUERY_VECTORS = 1024
-# Items per thread below which splitting the work across threads costs more than it saves.
-_MIN_ITEMS_PER_THREAD = 4096
+# Item × query-vector pairs per thread below which splitting the work across threads costs more than it saves
+# (4,096 items for one query vector; a batch of 32 × 16 query vectors splits from 8 items per thread).
+_MIN_PAIRS_PER_THREAD = 4096
 
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
@@ -132,7 +133,7 @@ def fused_scores(
             if code != 0:
                 raise MemoryError("the fused MaxSim kernel could not allocate its running-max buffer")
 
-    workers = max(1, min(threads or torch.get_num_threads(), n // _MIN_ITEMS_PER_THREAD))
+    workers = max(1, min(threads or torch.get_num_threads(), n, n * nq * r_q // _MIN_PAIRS_PER_THREAD))
     if workers == 1:
         run(0, n)
         return scores
