@@ -187,8 +187,6 @@ def test_int8_index_groups_score_the_same_alone_and_in_batches_of_1_to_32():
 def test_queries_merged_by_the_service_batcher_rank_as_they_do_alone(tiny_model):
     """Query embeddings from the service's encode batcher (requests merged into shared forward passes), scored
     one request at a time and as one batch of 32: same top-10 ids, same scores."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from metaembed.model.items import Item
     from metaembed.serve.batcher import EncodeBatcher
 
@@ -197,10 +195,9 @@ def test_queries_merged_by_the_service_batcher_rank_as_they_do_alone(tiny_model)
     batcher = EncodeBatcher(
         tiny_model, max_batch_items=32, max_batch_wait_ms=200, on_batch=lambda n, s: sizes.append(n)
     )
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            futures = list(pool.map(lambda t: batcher.submit([Item(text=t)], "query"), texts))
-            queries = torch.cat([f.result(60).embeddings for f in futures])
+    try:  # submit only queues: 32 one-item requests wait together and the worker merges them
+        futures = [batcher.submit([Item(text=text)], "query") for text in texts]
+        queries = torch.cat([future.result(60).embeddings for future in futures])
     finally:
         batcher.close()
     assert max(sizes) > 1  # requests did share forward passes
