@@ -9,16 +9,8 @@ import pytest
 from metaembed import Budget
 from metaembed.cli import main
 from metaembed.eval.report import EvalResult
-from metaembed.plan.planner import (
-    PlanError,
-    Setting,
-    Target,
-    cost_rows_from_bench,
-    load_quality,
-    make_plan,
-    markdown,
-    predict,
-)
+from metaembed.plan.measurements import PlanError, Setting, cost_rows_from_bench, load_quality
+from metaembed.plan.planner import Target, make_plan, markdown, predict
 
 D = 8
 # quality rises with the budget except 8x16, which is worse than 4x8 and slower: never on the frontier

@@ -116,7 +116,8 @@ def run_plan(args: argparse.Namespace) -> int:
     if not args.quality:
         raise _error("give --quality RESULT.json [...] and a target, or an action: calibrate, evaluate")
     from metaembed.budget import Budget
-    from metaembed.plan.planner import PlanError, Target, load_costs, load_quality, make_plan, markdown, measure_costs
+    from metaembed.plan.measurements import PlanError, load_costs, load_quality, measure_costs
+    from metaembed.plan.planner import Target, make_plan, markdown
 
     target = Target(
         max_latency_ms=args.max_latency_ms,
@@ -150,7 +151,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _plan_size(args: argparse.Namespace) -> tuple[int, int, list[str]]:
-    from metaembed.plan.planner import PlanError
+    from metaembed.plan.measurements import PlanError
 
     if args.index:
         if args.n is not None or args.dim is not None:
@@ -171,7 +172,7 @@ def _plan_size(args: argparse.Namespace) -> tuple[int, int, list[str]]:
 
 
 def _error(message: str):
-    from metaembed.plan.planner import PlanError
+    from metaembed.plan.measurements import PlanError
 
     return PlanError(message)
 
