@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from metaembed.budget import Budget
@@ -170,14 +171,16 @@ class AutoBudget:
 
 def normalised_margin(scores: torch.Tensor, budget: Budget, margin_rank: int) -> float:
     """``(s₁ − s_k) / r_q`` over a query's candidate scores, k = ``margin_rank`` (inf with one candidate)."""
-    return _margin(scores.topk(min(margin_rank, scores.numel())).values, budget, margin_rank)
+    return _margin(scores.topk(min(margin_rank, scores.numel())).values.numpy(), budget, margin_rank)
 
 
-def _margin(descending: torch.Tensor, budget: Budget, margin_rank: int) -> float:
-    """The normalised margin from scores sorted best first (at least the first ``margin_rank`` of them)."""
-    if descending.numel() < 2:
+def _margin(descending: np.ndarray, budget: Budget, margin_rank: int) -> float:
+    """The normalised margin from scores sorted best first (at least the first ``margin_rank`` of them).
+
+    The difference is taken in the scores' own dtype (float32 from the index), as the calibration took it."""
+    if len(descending) < 2:
         return math.inf
-    return float(descending[0] - descending[min(margin_rank, descending.numel()) - 1]) / budget.r_q
+    return float(descending[0] - descending[min(margin_rank, len(descending)) - 1]) / budget.r_q
 
 
 @dataclass
@@ -206,7 +209,7 @@ def levels(
     calibration walks every level once to learn what any threshold would do.
 
     Args:
-        rows: the candidates scored at ``policy.cheap`` (any id space ``score_rows`` understands).
+        rows: the candidates scored at ``policy.cheap`` (any id space ``score_rows`` understands), on the CPU.
         scores: their scores at the cheap budget, aligned with ``rows``.
         score_rows: ``score_rows(budget, rows)`` → scores of those rows at that budget, aligned.
         item_bytes: candidate-vector bytes one item costs at a budget (for the bytes-read count).
@@ -215,16 +218,21 @@ def levels(
     """
     steps = policy.steps()
     keep = max(policy.top_m, k)
-    # one stable sort per level serves the results, the margin and the next shortlist (calls, not FLOPs, are
-    # what a short candidate list costs)
-    ranked, order = torch.sort(scores, descending=True, stable=True)
+    # The lists are short (a shortlist, or ~100 candidates), so the bookkeeping runs on numpy views of the
+    # tensors: a torch call on a few dozen values costs several microseconds of dispatch, as much as
+    # scoring them, and an escalated query makes a dozen such calls. One stable sort per level serves the
+    # results, the margin and the next shortlist.
+    ids = rows.numpy()
+    order = np.arange(len(ids))  # the cheap level ranks the rows as given
     for level, budget in enumerate(steps):
         if level:
-            rows = rows[order[:keep]]
-            scores = score_rows(budget, rows)
-            bytes_read += rows.numel() * item_bytes(budget)
-            ranked, order = torch.sort(scores, descending=True, stable=True)
-        outcome = Outcome(rows[order[:k]], ranked[:k], budget, level, bytes_read)
+            ids = ids[order[:keep]]
+            scores = score_rows(budget, torch.from_numpy(ids))
+            bytes_read += len(ids) * item_bytes(budget)
+        values = scores.detach().numpy()
+        order = np.argsort(-values, kind="stable")  # descending; equal scores keep their order, as torch's
+        ranked = values[order]
+        outcome = Outcome(torch.from_numpy(ids[order[:k]]), torch.from_numpy(ranked[:k]), budget, level, bytes_read)
         last = level + 1 == len(steps)
         yield (math.inf if last else _margin(ranked, budget, policy.margin_rank)), outcome
 
