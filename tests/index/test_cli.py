@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from metaembed import maxsim
 from metaembed.cli import main
 from metaembed.index import open_index
+from metaembed.scoring import maxsim_reference
 
 H = runpy.run_path(str(Path(__file__).with_name("helpers.py")))
 embeddings, digest = H["embeddings"], H["digest"]
@@ -57,7 +57,7 @@ def test_build_search_stats_add_delete(files, capsys):
     )
     assert code == 0
     results = json.loads(out)
-    ref = maxsim(q.double(), c.double(), "4x8").topk(3, dim=1)
+    ref = maxsim_reference(q, c, "4x8").topk(3, dim=1)
     assert [r["ids"] for r in results] == [[f"doc {j}" for j in row] for row in ref.indices.tolist()]
     np.testing.assert_allclose([r["scores"] for r in results], ref.values.numpy(), atol=1e-4)
     assert results[0]["metadata"][0] == {"n": ref.indices[0, 0].item()}

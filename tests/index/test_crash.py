@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from metaembed.index import open_index
-from metaembed.index.store import quantize_int8
+from metaembed.index.layout import quantize_int8
 
 HERE = Path(__file__).parent
 item_embedding = runpy.run_path(str(HERE / "helpers.py"))["item_embedding"]

@@ -29,8 +29,10 @@ from metaembed.index import (
     ReadOnlyIndexError,
     create_index,
     open_index,
+    storage,
 )
-from metaembed.index import store as store_module
+from metaembed.index import manifest as manifest_module
+from metaembed.index import segment as segment_module
 from metaembed.index.store import EmbeddedIndex
 
 H = runpy.run_path(str(Path(__file__).with_name("helpers.py")))
@@ -95,7 +97,7 @@ READ_PAST_THE_END = """
     for mapped in segment.files:
         os.truncate(mapped.path, 0)
     # a read that starts before the truncation is noticed: the scoring kernel runs over the mapping itself
-    ix.score_rows(queries, Budget(4, 16), segment, slice(0, segment.count))
+    segment.score(queries, Budget(4, 16), slice(0, segment.count))
     print("survived")
     try:
         ix.search(queries, "4x16", k=3)
@@ -134,7 +136,7 @@ def test_bytes_overwritten_in_a_small_vector_file_fail_its_checksum_on_open(tmp_
 
 def test_a_large_corrupt_file_is_found_by_verify_refused_by_compaction_and_never_ranks(tmp_path, monkeypatch, capsys):
     _build(tmp_path / "ix")
-    monkeypatch.setattr(store_module, "VERIFY_ON_OPEN_BYTES", 0)  # as if every file were too large to check on open
+    monkeypatch.setattr(segment_module, "VERIFY_ON_OPEN_BYTES", 0)  # as if every file were too large to check on open
     victim = _vector_files(tmp_path / "ix")[0]
     _overwrite_inside(victim)
     queries = embeddings(1, 4, 8, seed=9).abs()  # positive · +Infinity: the scores are +Infinity, not NaN
@@ -167,12 +169,12 @@ def test_verify_passes_an_intact_index(tmp_path, capsys):
 class _FullDisk:
     """An ``open`` for the store's module whose files accept ``room`` bytes, then raise ENOSPC."""
 
-    def __init__(self, room: int = 100) -> None:
-        self.room = room
+    def __init__(self, room: int = 100, only: str = "") -> None:
+        self.room, self.only = room, only  # only files whose name holds ``only`` count against the room
 
     def __call__(self, file, mode="r", *args, **kwargs):
         handle = open(file, mode, *args, **kwargs)  # noqa: SIM115
-        if "w" not in mode:
+        if "w" not in mode or self.only not in str(file):
             return handle
         disk, write = self, handle.write
 
@@ -191,20 +193,21 @@ class _FullDisk:
 def test_a_full_disk_during_the_merge_after_an_add_does_not_fail_the_add(tmp_path, monkeypatch, caplog):
     path = tmp_path / "ix"
     with create_index(path, dim=8, num_vectors=16) as ix:
-        for i in range(32):
+        for i in range(9):
             ix.add([f"item-{i}"], embeddings(1, 16, 8, seed=i))
-        monkeypatch.setattr(store_module, "open", _FullDisk(), raising=False)  # the merge writes through open()
+        # room for the add's own vector files (1 x 16 x 8 bf16 = 256 bytes), none for the merge's
+        monkeypatch.setattr(storage, "open", _FullDisk(room=256, only=".bin"), raising=False)
         with caplog.at_level(logging.WARNING, logger="metaembed.index.store"):
-            ix.add(["item-32"], embeddings(1, 16, 8, seed=32))  # committed, then the merge of 33 segments fails
-        assert "item-32" in ix and len(ix.segments) == 33
+            ix.add(["item-9"], embeddings(1, 16, 8, seed=9))  # committed, then the merge of 10 segments fails
+        assert "item-9" in ix and len(ix.segments) == 10
         assert "merging segments failed" in caplog.text
         named = {f"{s.name}.{suffix}" for s in ix.segments for suffix in ("g0.bin", "g1.bin", "g2.bin", "g3.bin")}
         assert {p.name for p in path.glob("seg-*.bin")} == named  # the merge's partial files are gone
         monkeypatch.undo()
-        ix.add(["item-33"], embeddings(1, 16, 8, seed=33))  # the merge is retried after the next write
-        assert len(ix.segments) < 33 and len(ix) == 34
+        ix.add(["item-10"], embeddings(1, 16, 8, seed=10))  # the merge is retried after the next write
+        assert len(ix.segments) == 2 and len(ix) == 11
     with open_index(path, read_only=True) as reader:
-        assert len(reader) == 34
+        assert len(reader) == 11
 
 
 def test_a_full_disk_during_an_add_raises_a_storage_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -229,7 +232,7 @@ def test_a_full_disk_during_compact_removes_what_it_wrote(tmp_path, monkeypatch)
     _build(path, batches=3)
     before = digest(path)
     with open_index(path) as ix:
-        monkeypatch.setattr(store_module, "open", _FullDisk(room=1000), raising=False)
+        monkeypatch.setattr(storage, "open", _FullDisk(room=1000), raising=False)
         with pytest.raises(IndexStorageError, match="disk is full"):
             ix.compact()
         monkeypatch.undo()
@@ -274,7 +277,7 @@ def test_a_reader_retries_when_a_compaction_removes_files_it_is_about_to_map(tmp
     writer = open_index(path)
     reader = open_index(path, read_only=True)
     writer.add(["late"], embeddings(1, 16, 8, seed=7))  # a new segment the reader has not mapped yet
-    check = EmbeddedIndex._check_files
+    check = manifest_module.check_files
     compacted = []
 
     def check_then_compact(root, manifest):
@@ -283,7 +286,7 @@ def test_a_reader_retries_when_a_compaction_removes_files_it_is_about_to_map(tmp
             compacted.append(True)
             writer.compact()
 
-    monkeypatch.setattr(EmbeddedIndex, "_check_files", staticmethod(check_then_compact))
+    monkeypatch.setattr(manifest_module, "check_files", check_then_compact)
     results = reader.search(embeddings(1, 4, 8, seed=8), "4x16", k=3)
     assert compacted and len(reader) == 21 and len(results.ids[0]) == 3
     reader.close()

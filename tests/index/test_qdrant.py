@@ -13,10 +13,12 @@ import torch
 from metaembed import Budget
 from metaembed.errors import BudgetError, InputError
 from metaembed.index import DuplicateIdError, UnknownIdError, create_index, open_index
+from metaembed.index.layout import stored_values
+from metaembed.scoring import maxsim_reference
 
 pytest.importorskip("qdrant_client")
 H = runpy.run_path(str(Path(__file__).with_name("helpers.py")))
-embeddings, assert_same_results = H["embeddings"], H["assert_same_results"]
+embeddings, assert_matches_reference = H["embeddings"], H["assert_matches_reference"]
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.03, "int8": 1e-4}
 
 
@@ -35,11 +37,13 @@ def test_qdrant_local_equals_embedded_and_two_stage(tmp_path, dtype):
             ix.delete(["doc/7"])
             ix.upsert(["doc/8"], c[9:10], [{"i": 9}])
         assert len(qd) == len(emb) == 59
+        current = c.clone()
+        current[8] = c[9]
+        stored, live = stored_values(current, dtype), torch.tensor([i != 7 for i in range(60)])
         for budget in (Budget(1, 1), Budget(2, 4), Budget(4, 8), Budget(4, 16)):
-            exact = emb.search(q, budget, k=5)
-            assert_same_results(qd.search(q, budget, k=5), exact, TOLERANCE[dtype])
-            assert_same_results(emb.search(q, budget, k=5, two_stage=True, candidates=59), exact, TOLERANCE[dtype])
-            assert_same_results(qd.search(q, budget, k=5, two_stage=True, candidates=59), exact, TOLERANCE[dtype])
+            for ix, two_stage in ((emb, False), (qd, False), (emb, True), (qd, True)):
+                res = ix.search(q, budget, k=5, two_stage=two_stage, candidates=59 if two_stage else None)
+                assert_matches_reference(res, q, stored, ids, budget, TOLERANCE[dtype], live)
         res = qd.search(q, "4x8", k=3)
         assert res.metadata[0][0] == {"i": int(res.ids[0][0].split("/")[1]) + (1 if res.ids[0][0] == "doc/8" else 0)}
         got_q, _ = qd.get(["doc/3"])
@@ -77,9 +81,7 @@ def test_qdrant_server_roundtrip():
         qd.add([str(i) for i in range(30)], c)
         reopened = open_index(None, url=url, collection=collection)
         res = reopened.search(q, "4x16", k=5)
-        from metaembed import maxsim
-
-        ref = maxsim(q.double(), c.double(), "4x16").topk(5, dim=1)
+        ref = maxsim_reference(q, c, "4x16").topk(5, dim=1)
         assert res.ids == [[str(j) for j in row] for row in ref.indices.tolist()]
         reopened.close()
     finally:

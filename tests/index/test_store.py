@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaembed import Budget, maxsim
+from metaembed import Budget
 from metaembed.index import IndexLockedError, ReadOnlyIndexError, SearchResults, create_index, open_index
 from metaembed.index.base import Index
-from metaembed.index.store import quantize_int8
+from metaembed.index.layout import quantize_int8
+from metaembed.index.segment import Segment
+from metaembed.scoring import maxsim_reference
 
 embeddings = runpy.run_path(str(Path(__file__).with_name("helpers.py")))["embeddings"]
 
@@ -43,7 +45,7 @@ def test_search_equals_float64_reference_at_every_budget(tmp_path, dtype):
             res = ix.search(q, budget, k=7)
             assert isinstance(res, SearchResults)
             assert res.scores.dtype == torch.float32 and res.scores.shape == (4, 7)
-            ref = maxsim(q.double(), ref_c, budget)
+            ref = maxsim_reference(q, ref_c, budget)
             top = ref.topk(7, dim=1)
             torch.testing.assert_close(res.scores.double(), top.values, rtol=0, atol=TOLERANCE[dtype])
             # returned ids carry exactly their reference scores
@@ -106,7 +108,7 @@ def test_group_bounds_for_other_widths(tmp_path):
         ix.add(list("abcde"), c)
         q = embeddings(2, 3, 4, seed=9)
         res = ix.search(q, "3x20", k=5)
-        torch.testing.assert_close(res.scores.double(), maxsim(q.double(), c.double(), "3x20").sort(1, True).values)
+        torch.testing.assert_close(res.scores.double(), maxsim_reference(q, c, "3x20").sort(1, True).values)
 
 
 def test_empty_index_and_k_larger_than_count(tmp_path):
@@ -134,22 +136,34 @@ def test_single_writer_lock_and_read_only(tmp_path):
 
 READER = textwrap.dedent(
     """
-    import sys, torch
+    import runpy, sys, torch
     from metaembed.index import open_index
+    from metaembed.scoring import maxsim_reference
+    H = runpy.run_path(sys.argv[2])
+    ids = [f"i{b}-{j}" for b in range(20) for j in range(10)]
+    stored = torch.cat([H["embeddings"](10, 16, 8, seed=b) for b in range(20)]).bfloat16().double()
+    q = H["embeddings"](2, 4, 8, seed=99)
     ix = open_index(sys.argv[1], read_only=True)
-    q = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)
     seen = set()
     while True:
-        n = len(ix)
         res = ix.search(q, "4x16", k=3)
-        assert n % 10 == 0, n                           # whole batches only
-        ids = {i for row in res.ids for i in row}
-        got, _ = ix.get(sorted(ids))                    # every hit is fully readable
+        now = ix.ids()                                  # a snapshot at least as new as the search's
+        n = len(now)
+        assert now == ids[:n] and n % 10 == 0, now      # whole batches, in commit order, nothing else
+        # the search saw one whole-batch prefix of the items: its hits and scores are that prefix's exact top 3
+        ref = maxsim_reference(q, stored, "4x16")
+        fits = [
+            m for m in range(10, n + 1, 10)
+            if all(i in ids[:m] for row in res.ids for i in row)
+            and torch.allclose(res.scores.double(), ref[:, :m].topk(3, dim=1).values, atol=0.05)
+        ]
+        assert fits, (res.ids, n)
+        got, _ = ix.get([i for row in res.ids for i in row])  # every hit is fully readable
         assert torch.isfinite(got).all()
         seen.add(n)
         if n == 200:
             break
-    print(len(seen))
+    print(len(seen), max(seen))
     """
 )
 
@@ -157,15 +171,17 @@ READER = textwrap.dedent(
 def test_reader_process_sees_consistent_snapshots_while_writer_appends(tmp_path):
     path = tmp_path / "ix"
     ix = create_index(path, 8, 16, dtype="bf16")
-    ix.add([f"i{j}" for j in range(10)], embeddings(10, 16, 8))
+    ix.add([f"i0-{j}" for j in range(10)], embeddings(10, 16, 8, seed=0))
+    helpers = str(Path(__file__).with_name("helpers.py"))
     reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", READER, str(path), helpers], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     for batch in range(1, 20):
         ix.add([f"i{batch}-{j}" for j in range(10)], embeddings(10, 16, 8, seed=batch))
-    out, err = reader.communicate(timeout=120)
+    out, err = reader.communicate(timeout=300)
     assert reader.returncode == 0, err
-    assert int(out) >= 1
+    snapshots, last = map(int, out.split())
+    assert last == 200 and 1 <= snapshots <= 20
     ix.close()
 
 
@@ -204,7 +220,7 @@ def test_threads_search_while_one_thread_writes(tmp_path):
                         res = ix.search(q, "2x8", k=5, two_stage=two_stage)
                         for i, (row, scores) in enumerate(zip(res.ids, res.scores, strict=True)):
                             idx = [int(x[1:]) for x in row]
-                            want = maxsim(q[i : i + 1].double(), c[idx].double(), "2x8")[0]
+                            want = maxsim_reference(q[i : i + 1], c[idx], "2x8")[0]
                             torch.testing.assert_close(scores.double(), want, rtol=0, atol=1e-4)  # ids match scores
             except BaseException as error:
                 errors.append(error)
@@ -222,7 +238,7 @@ def test_threads_search_while_one_thread_writes(tmp_path):
     assert not errors, errors
 
 
-def test_a_search_holding_the_old_snapshot_sees_the_old_state_while_a_delete_commits(tmp_path):
+def test_a_search_holding_the_old_snapshot_sees_the_old_state_while_a_delete_commits(tmp_path, monkeypatch):
     """A delete swaps in a new snapshot; a search already scanning the old one must finish on the old masks."""
     import threading
 
@@ -232,15 +248,15 @@ def test_a_search_holding_the_old_snapshot_sees_the_old_state_while_a_delete_com
         ix.add([f"b{i}" for i in range(5)], c[5:])  # a second segment, scanned after the first
         before = ix.search(c[:2, :2], "2x8", k=10)
         first_segment, scanning, deleted = ix.segments[0], threading.Event(), threading.Event()
-        score_rows = ix.score_rows
+        score = Segment.score
 
-        def paused(queries, budget, segment, rows):
-            if segment is first_segment and not scanning.is_set():
+        def paused(segment, queries, budget, rows):
+            if segment.name == first_segment.name and not scanning.is_set():
                 scanning.set()  # the search has its snapshot and is part-way through it
                 assert deleted.wait(30)
-            return score_rows(queries, budget, segment, rows)
+            return score(segment, queries, budget, rows)
 
-        ix.score_rows = paused
+        monkeypatch.setattr(Segment, "score", paused)
         found = []
         search = threading.Thread(target=lambda: found.append(ix.search(c[:2, :2], "2x8", k=10)))
         search.start()

@@ -9,9 +9,11 @@ import torch
 from metaembed import Budget
 from metaembed.errors import InputError
 from metaembed.index import create_index
+from metaembed.index.layout import stored_values
 
 H = runpy.run_path(str(Path(__file__).with_name("helpers.py")))
 embeddings, assert_same_results = H["embeddings"], H["assert_same_results"]
+assert_matches_reference = H["assert_matches_reference"]
 TOLERANCE = {"fp32": 1e-5, "bf16": 0.02, "int8": 1e-5}
 
 
@@ -22,9 +24,11 @@ def test_two_stage_at_full_recall_equals_exhaustive(tmp_path, dtype):
         ix.add([f"i{j}" for j in range(200)], c[:200])
         ix.add([f"i{j}" for j in range(200, 300)], c[200:])  # the graph grows incrementally
         ix.delete(["i3", "i250"])
+        ids, live = [f"i{j}" for j in range(300)], torch.tensor([j not in (3, 250) for j in range(300)])
         for budget in (Budget(1, 1), Budget(4, 8), Budget(4, 16)):
             exact = ix.search(q, budget, k=10)
             two = ix.search(q, budget, k=10, two_stage=True, candidates=len(ix))
+            assert_matches_reference(two, q, stored_values(c, dtype), ids, budget, TOLERANCE[dtype], live)
             assert_same_results(two, exact, TOLERANCE[dtype])
             assert not {"i3", "i250"} & {i for row in two.ids for i in row}
 

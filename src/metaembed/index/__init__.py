@@ -26,6 +26,7 @@ _FROM_BASE = (
     "IndexLockedError",
     "IndexNotFoundError",
     "IndexStorageError",
+    "IndexStoreError",
     "ReadOnlyIndexError",
     "SearchResults",
     "UnknownIdError",
@@ -84,4 +85,20 @@ def open_index(path: str | os.PathLike[str] | None, *, backend: str | None = Non
     raise InputError(f"unknown index backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", *_FROM_BASE, "create_index", "ingest", "open_index"]
+def open_for_cli(path: str | Path, *, url: str | None = None, read_only: bool = False):
+    """``open_index`` whose not-found error names the command that creates the index."""
+    from metaembed.index.base import IndexNotFoundError
+
+    opts: dict[str, Any] = {"url": url} if url else {}
+    if read_only:
+        opts["read_only"] = True
+    try:
+        return open_index(path, **opts)
+    except IndexNotFoundError:
+        raise IndexNotFoundError(
+            f"no index at {path}: create it with `metaembed index build {path} --model MODEL --items FOLDER` "
+            "(or --embeddings/--ids for precomputed vectors)"
+        ) from None
+
+
+__all__ = ["BACKENDS", *_FROM_BASE, "create_index", "ingest", "open_for_cli", "open_index"]

@@ -14,16 +14,14 @@ import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from metaembed.auto_budget import AutoBudget, AutoBudgetError, Outcome, escalate
 from metaembed.budget import Budget
-from metaembed.index.base import SearchResults, budget_bytes, check_search
-
-if TYPE_CHECKING:
-    from metaembed.index.store import EmbeddedIndex
+from metaembed.index.base import IndexBase, SearchResults, budget_bytes, check_search
+from metaembed.index.scan import resolve, scan, score_slots
 
 
 @dataclass
@@ -55,7 +53,7 @@ def resolve_policy(store: Any, budget: AutoBudget | str, *fallback: str | os.Pat
     return budget if isinstance(budget, AutoBudget) else AutoBudget.find(store.path, *fallback)
 
 
-def item_bytes(store: EmbeddedIndex, budgets: list[Budget]) -> dict[Budget, int]:
+def item_bytes(store: IndexBase, budgets: list[Budget]) -> dict[Budget, int]:
     """Candidate-vector bytes one item costs at each of ``budgets`` (int8: with its scales)."""
     return _item_bytes(store.dim, store.dtype, store.num_vectors, tuple(budgets))
 
@@ -68,7 +66,7 @@ def _item_bytes(dim: int, dtype: str, num_vectors: int, budgets: tuple[Budget, .
 
 
 def auto_search(
-    store: EmbeddedIndex,
+    store: IndexBase,
     queries: torch.Tensor,
     budget: AutoBudget | str,
     k: int,
@@ -92,32 +90,29 @@ def auto_search(
     keep = max(policy.top_m, k)
     sizes = item_bytes(store, policy.steps())
     if two_stage:
-        from metaembed.index.two_stage import shortlist_ranked
-
-        ranked = shortlist_ranked(store, queries, policy.cheap, keep, candidates)
+        ranked = store.shortlist_ranked(queries, policy.cheap, keep, candidates)
         if ranked is None:
             return _empty(queries.shape[0], policy)
         scores, slots, offsets, segments, scanned = ranked
     else:
         segments = store.segments
-        scores, slots, offsets = store.scan(queries, policy.cheap, keep, segments)
+        scores, slots, offsets = scan(queries, policy.cheap, keep, segments)
         offsets = [*offsets, sum(s.count for s in segments)]
         scanned = [offsets[-1]] * queries.shape[0]
     return _escalate_all(store, queries, policy, k, scores, slots, offsets, segments, scanned, sizes)
 
 
 def rescorer(
-    store: EmbeddedIndex, query: torch.Tensor, segments: list, offsets: list[int]
+    store: IndexBase, query: torch.Tensor, segments: list, offsets: list[int]
 ) -> Callable[[Budget, torch.Tensor], torch.Tensor]:
     """``score(budget, slots)`` for one query ``(1, R_q, D)`` over a snapshot: scores aligned with the slots."""
-    from metaembed.index.two_stage import score_slots
 
     def score(budget: Budget, slots: torch.Tensor) -> torch.Tensor:
         if len(segments) == 1:  # slots are the segment's rows: no mapping, scores come back aligned
-            return store.score_rows(query, budget, segments[0], slots)[0]
+            return segments[0].score(query, budget, slots)[0]
         # score_slots reads rows in storage order; put the scores back in the order asked for
         order = torch.argsort(slots)
-        scored, _ = score_slots(store, query, budget, segments, offsets, slots[order].numpy())
+        scored, _ = score_slots(query, budget, segments, offsets, slots[order].numpy())
         aligned = torch.empty_like(scored)
         aligned[order] = scored
         return aligned
@@ -125,7 +120,7 @@ def rescorer(
     return score
 
 
-def rerank_slots(store: EmbeddedIndex, query: torch.Tensor, slots: torch.Tensor, policy: AutoBudget, k: int) -> Outcome:
+def rerank_slots(store: IndexBase, query: torch.Tensor, slots: torch.Tensor, policy: AutoBudget, k: int) -> Outcome:
     """The ``auto`` policy over a given candidate list: ``slots`` (global rows of the current snapshot) scored at
     the cheap budget, then escalated. How an evaluation ranks each query among its own candidates."""
     segments = store.segments
@@ -144,7 +139,7 @@ def _escalate_all(store, queries, policy, k, scores, slots, offsets, segments, s
         first = scanned[i] * sizes[policy.cheap]
         outcomes.append(escalate(policy, slots[i][live], scores[i][live], score, sizes.__getitem__, k, first))
     width = min((o.rows.numel() for o in outcomes), default=0)
-    results = store._results(
+    results = resolve(
         torch.stack([o.scores[:width] for o in outcomes]),
         torch.stack([o.rows[:width] for o in outcomes]),
         offsets[:-1],

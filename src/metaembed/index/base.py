@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from metaembed.auto_budget import is_auto
 from metaembed.budget import Budget
 from metaembed.errors import InputError, MetaEmbedError
 from metaembed.scoring import check_embeddings
@@ -34,42 +35,45 @@ BudgetLike = Budget | str | tuple[int, int]
 # ---------------------------------------------------------------- errors
 
 
-class IndexError_(MetaEmbedError):
-    """Base class of index errors (named with a trailing underscore so it never shadows builtins.IndexError)."""
+class IndexStoreError(MetaEmbedError):
+    """Base class of every error an index raises (``except IndexStoreError`` catches them all)."""
 
 
-class IndexFormatError(IndexError_, ValueError):
+IndexError_ = IndexStoreError  # its former name, still importable by code written against it
+
+
+class IndexFormatError(IndexStoreError, ValueError):
     """A path that is not a metaembed index, or whose files are truncated, corrupt or of an unknown version."""
 
 
-class IndexNotFoundError(IndexError_, FileNotFoundError):
+class IndexNotFoundError(IndexStoreError, FileNotFoundError):
     """``open_index`` on a path that holds no index."""
 
 
-class IndexExistsError(IndexError_, FileExistsError):
+class IndexExistsError(IndexStoreError, FileExistsError):
     """``create_index`` on a path that already holds an index (open it instead)."""
 
 
-class IndexLockedError(IndexError_, RuntimeError):
+class IndexLockedError(IndexStoreError, RuntimeError):
     """A second writer: only one process may write an index at a time (readers are unlimited)."""
 
 
-class ReadOnlyIndexError(IndexError_, PermissionError):
+class ReadOnlyIndexError(IndexStoreError, PermissionError):
     """A write on an index opened with ``read_only=True``, or a writer on a read-only filesystem."""
 
 
-class IndexStorageError(IndexError_, OSError):
+class IndexStorageError(IndexStoreError, OSError):
     """The filesystem refused a read or write of the index's files: disk full, permission denied, I/O error.
 
     ``errno`` is the operating system's error number (``errno.ENOSPC`` for a full disk).
     """
 
 
-class DuplicateIdError(InputError):
+class DuplicateIdError(IndexStoreError, InputError):
     """An ``add`` whose ids repeat within the call or already exist in the index (use ``upsert`` to replace)."""
 
 
-class UnknownIdError(InputError):
+class UnknownIdError(IndexStoreError, InputError):
     """A ``delete`` (or lookup) naming ids the index does not hold; nothing is deleted."""
 
 
@@ -169,6 +173,59 @@ class Index(Protocol):
     def __enter__(self) -> Index: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+class IndexBase:
+    """What every backend shares: ``search`` checks its arguments once, then calls the backend's ``_search``.
+
+    A backend sets ``dim``, ``num_vectors`` and ``dtype`` and implements ``_check_open`` and ``_search``
+    (queries already checked, detached and on the CPU; ``budget`` parsed and within the index's and the
+    queries' vectors). One that runs ``budget="auto"`` sets ``runs_auto`` and implements ``_search_auto``.
+    """
+
+    backend = ""
+    runs_auto = False
+    dim: int
+    num_vectors: int
+    dtype: str
+
+    def search(
+        self,
+        queries: torch.Tensor,
+        budget: BudgetLike,
+        k: int = 10,
+        *,
+        two_stage: bool = False,
+        candidates: int | None = None,
+    ) -> SearchResults:
+        """Top-``k`` items per query by MaxSim at ``budget`` (see :meth:`Index.search`)."""
+        self._check_open()
+        if self.runs_auto and is_auto(budget):  # "auto" or an AutoBudget: its own checks, per escalation step
+            return self._search_auto(queries, budget, k, two_stage=two_stage, candidates=candidates)
+        budget = check_search(
+            queries, budget, k, dim=self.dim, num_vectors=self.num_vectors, two_stage=two_stage, candidates=candidates
+        )
+        return self._search(queries.detach().cpu(), budget, k, two_stage=two_stage, candidates=candidates)
+
+    def _check_open(self) -> None:
+        raise NotImplementedError
+
+    def _search(
+        self, queries: torch.Tensor, budget: Budget, k: int, *, two_stage: bool, candidates: int | None
+    ) -> SearchResults:
+        raise NotImplementedError
+
+    def _search_auto(self, queries: torch.Tensor, budget: Any, k: int, *, two_stage: bool, candidates: int | None):
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 def budget_bytes(n_items: int, dim: int, dtype: str, budgets: Sequence[Budget], num_vectors: int) -> dict[str, int]:

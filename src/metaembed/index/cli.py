@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from metaembed.errors import InputError
-from metaembed.index import ingest_cli
+from metaembed.index import ingest_cli, open_for_cli
 
 
 def load_embeddings(path: str | Path, key: str | None = None):
@@ -160,22 +160,6 @@ def _remove_new_index(path: Path, *, keep_dir: bool) -> None:
         shutil.rmtree(path)
         if keep_dir:
             path.mkdir()
-
-
-def open_for_cli(path: str | Path, *, url: str | None = None, read_only: bool = False):
-    """``open_index`` whose not-found error names the command that creates the index."""
-    from metaembed.index import IndexNotFoundError, open_index
-
-    opts: dict[str, Any] = {"url": url} if url else {}
-    if read_only:
-        opts["read_only"] = True
-    try:
-        return open_index(path, **opts)
-    except IndexNotFoundError:
-        raise IndexNotFoundError(
-            f"no index at {path}: create it with `metaembed index build {path} --model MODEL --items FOLDER` "
-            "(or --embeddings/--ids for precomputed vectors)"
-        ) from None
 
 
 def _open(args: argparse.Namespace, read_only: bool = False):

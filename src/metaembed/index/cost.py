@@ -19,7 +19,7 @@ def search_bytes(
     """
     rows = len(index)
     if two_stage:
-        from metaembed.index.two_stage import default_candidates
+        from metaembed.index.layout import default_candidates
 
         rows = min(rows, max(candidates or default_candidates(k), k))
     return budget_bytes(rows, index.dim, index.dtype, [budget], index.num_vectors).get(str(budget), 0)

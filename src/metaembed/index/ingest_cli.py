@@ -95,7 +95,7 @@ def _where(pairs: list[str]) -> dict[str, str]:
 
 
 def _require_index(args: argparse.Namespace) -> None:
-    from metaembed.index.cli import open_for_cli
+    from metaembed.index import open_for_cli
 
     open_for_cli(args.path, url=args.url, read_only=True).close()
 

@@ -27,8 +27,8 @@ import torch
 from metaembed.budget import Budget
 from metaembed.errors import BudgetError, InputError
 from metaembed.index.base import (
-    BudgetLike,
     DuplicateIdError,
+    IndexBase,
     IndexExistsError,
     IndexFormatError,
     IndexNotFoundError,
@@ -36,12 +36,9 @@ from metaembed.index.base import (
     UnknownIdError,
     budget_bytes,
     check_dtype,
-    check_search,
 )
-from metaembed.index.store import group_bounds, quantize_int8
-from metaembed.index.two_stage import default_candidates
-from metaembed.index.validate import check_ids, check_metadata, check_unique
-from metaembed.scoring import check_embeddings
+from metaembed.index.layout import default_candidates, group_bounds, stored_values
+from metaembed.index.validate import check_ids, check_write
 
 MARKER = "qdrant.json"
 FORMAT = "metaembed-qdrant"
@@ -53,7 +50,7 @@ def point_id(item_id: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, item_id))
 
 
-class QdrantIndex:
+class QdrantIndex(IndexBase):
     """Index protocol over Qdrant (local ``path=`` mode or a server ``url=``)."""
 
     backend = "qdrant"
@@ -169,15 +166,6 @@ class QdrantIndex:
             found.update(p.payload["id"] for p in points)
         return found
 
-    def _stored_values(self, embeddings: torch.Tensor) -> torch.Tensor:
-        x = embeddings.detach().to("cpu", torch.float32)
-        if self.dtype == "bf16":
-            return x.bfloat16().float()
-        if self.dtype == "int8":
-            codes, scale = quantize_int8(x)
-            return codes.float() * scale[..., None]
-        return x
-
     # ------------------------------------------------------------------ protocol
 
     def add(self, ids: Sequence[str], embeddings: torch.Tensor, metadata: Sequence[dict] | None = None) -> None:
@@ -190,21 +178,14 @@ class QdrantIndex:
         from qdrant_client import models
 
         self._check_open()
-        ids = check_ids(ids)
-        check_embeddings(embeddings, "embeddings", num_vectors=self.num_vectors, dim=self.dim)
-        if len(ids) != embeddings.shape[0]:
-            raise InputError(f"got {len(ids)} ids for {embeddings.shape[0]} embeddings; pass one id per item")
-        check_unique(ids)
-        if not torch.isfinite(embeddings).all():
-            raise InputError("embeddings contain NaN or infinite values")
-        meta = check_metadata(metadata, len(ids))
+        ids, embeddings, meta = check_write(ids, embeddings, metadata, dim=self.dim, num_vectors=self.num_vectors)
         if not replace:
             existing = sorted(self._existing(ids))
             if existing:
                 raise DuplicateIdError(
                     f"{len(existing)} id(s) already in the index, e.g. {existing[:5]}; use upsert to replace them"
                 )
-        values = self._stored_values(embeddings)
+        values = stored_values(embeddings, self.dtype)
         points = [
             models.PointStruct(
                 id=point_id(item_id),
@@ -229,28 +210,16 @@ class QdrantIndex:
                 self.collection, points_selector=models.PointIdsList(points=[point_id(i) for i in ids]), wait=True
             )
 
-    def search(
-        self,
-        queries: torch.Tensor,
-        budget: BudgetLike,
-        k: int = 10,
-        *,
-        two_stage: bool = False,
-        candidates: int | None = None,
-    ) -> SearchResults:
+    def _search(self, queries: torch.Tensor, budget: Budget, k: int, *, two_stage: bool, candidates: int | None):
         from qdrant_client import models
 
-        self._check_open()
-        budget = check_search(
-            queries, budget, k, dim=self.dim, num_vectors=self.num_vectors, two_stage=two_stage, candidates=candidates
-        )
         if budget.r_c not in self.bounds[1:]:
             raise BudgetError(
                 f"the qdrant backend stores prefixes of {self.bounds[1:]} vectors; r_c must be one of them, "
                 f"got {budget.r_c}"
             )
         ids, scores, meta = [], [], []
-        for q in queries.detach().to("cpu", torch.float32)[:, : budget.r_q]:
+        for q in queries.to(torch.float32)[:, : budget.r_q]:
             prefetch = None
             if two_stage:
                 limit = max(k, candidates or default_candidates(k))
@@ -318,9 +287,3 @@ class QdrantIndex:
         if not self._closed:
             self._closed = True
             self.client.close()
-
-    def __enter__(self) -> QdrantIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

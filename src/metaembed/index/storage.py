@@ -160,3 +160,8 @@ def storage_error(error: OSError, action: str) -> MetaEmbedError:
 def is_gone(error: BaseException) -> bool:
     """True for the errors a file removed under a reader raises (a compaction deleted it: reread the manifest)."""
     return isinstance(error, FileNotFoundError) or (isinstance(error, OSError) and error.errno == errno.ESTALE)
+
+
+def open_new(path: Path):
+    """Open a new file for writing (the segment writer's files; one place to watch a disk fill up)."""
+    return open(path, "wb")

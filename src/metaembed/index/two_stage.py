@@ -17,18 +17,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from metaembed.budget import Budget
 from metaembed.errors import InputError
-from metaembed.index.base import SearchResults
-
-if TYPE_CHECKING:
-    from metaembed.index.store import EmbeddedIndex, Segment
+from metaembed.index.layout import default_candidates
+from metaembed.index.segment import Segment
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
@@ -45,10 +42,6 @@ def _faiss():
     return faiss
 
 
-def default_candidates(k: int) -> int:
-    return max(10 * k, 100)
-
-
 class CoarseIndex:
     """faiss HNSW over vector 0 of every stored row (live or tombstoned), numbered like the store's slots."""
 
@@ -63,7 +56,7 @@ class CoarseIndex:
         self.covered: list[tuple[str, int]] = []
         self.saved_rows = 0
 
-    def sync(self, segments: list[Segment]) -> CoarseIndex:
+    def sync(self, segments: Sequence[Segment]) -> CoarseIndex:
         """Add the rows of segments appended since the last sync; rebuild if segments were rewritten."""
         names = [(s.name, s.count) for s in segments]
         if names[: len(self.covered)] != self.covered:
@@ -111,7 +104,7 @@ class CoarseIndex:
         self.saved_rows = self.index.ntotal
 
     @classmethod
-    def load(cls, root: Path, segments: list[Segment]) -> CoarseIndex | None:
+    def load(cls, root: Path, segments: Sequence[Segment]) -> CoarseIndex | None:
         """The saved graph if it covers a prefix of ``segments`` (else None: it is rebuilt)."""
         faiss = _faiss()
 
@@ -143,86 +136,39 @@ class CoarseIndex:
         return rows
 
 
-def two_stage_search(
-    store: EmbeddedIndex, queries: torch.Tensor, budget: Budget, k: int, candidates: int | None
-) -> SearchResults:
-    ranked = shortlist_ranked(store, queries, budget, k, candidates)
-    if ranked is None:
-        nq = queries.shape[0]
-        return SearchResults(ids=[[] for _ in range(nq)], scores=torch.empty(nq, 0), metadata=[[] for _ in range(nq)])
-    scores, slots, offsets, segments, _ = ranked
-    return store._results(scores, slots, offsets[:-1], k, segments)
-
-
-def shortlist_ranked(
-    store: EmbeddedIndex, queries: torch.Tensor, budget: Budget, k: int, candidates: int | None
-) -> tuple[torch.Tensor, torch.Tensor, list[int], list[Segment], list[int]] | None:
-    """The two-stage top ``k`` per query: ``(scores, global slots, segment offsets, segments, shortlist sizes)``.
-
-    Scores and slots are ``(nq, k')``, unsorted; offsets has one entry per segment plus the total; the sizes
-    are each query's number of coarse candidates scored exactly. None when the index holds no live item.
-    """
+def check_candidates(candidates: int | None, k: int) -> int:
+    """The shortlist length per query: ``candidates`` (default ``max(10·k, 100)``), at least ``k``."""
     if candidates is None:
         candidates = default_candidates(k)
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise InputError(f"candidates must be a positive int, got {candidates!r}")
-    candidates = max(candidates, k)
-    nq = queries.shape[0]
-    # The snapshot, the graph's sync and its search happen under the store's lock: another search may extend
-    # the shared graph past an older snapshot (rows this search could not resolve), and faiss HNSW must not be
-    # searched while another thread adds to it. Scoring the rerank below runs outside the lock.
-    with store._lock:
-        segments = store.segments
-        offsets = np.cumsum([0] + [s.count for s in segments]).tolist()
-        total = offsets[-1]
-        live = torch.cat([s.live for s in segments]).numpy() if segments else np.zeros(0, dtype=bool)
-        live_count = int(live.sum())
-        if live_count == 0:
-            return None
-        coarse = store._coarse
-        if coarse is None:
-            coarse = CoarseIndex.load(store.path, segments) or CoarseIndex(store.dim)
-        store._coarse = coarse = coarse.sync(segments)
-        if not store.read_only and coarse.index.ntotal > 1.1 * coarse.saved_rows:
-            coarse.save(store.path)  # so the next process (e.g. a restarted server) need not rebuild it
-        dead = total - live_count
-        rows = coarse.search(queries[:, 0], min(total, candidates + dead))
-
-    per_query_scores, per_query_slots, sizes = [], [], []
-    for i in range(nq):
-        hits = rows[i][rows[i] >= 0]
-        hits = hits[live[hits]][:candidates]
-        q_scores, q_slots = score_slots(store, queries[i : i + 1], budget, segments, offsets, hits)
-        top, idx = q_scores.topk(min(k, q_scores.numel()))
-        per_query_scores.append(top)
-        per_query_slots.append(q_slots[idx])
-        sizes.append(len(hits))
-    width = min(t.numel() for t in per_query_scores)
-    scores = torch.stack([t[:width] for t in per_query_scores])
-    slots = torch.stack([t[:width] for t in per_query_slots])
-    return scores, slots, offsets, segments, sizes
+    return max(candidates, k)
 
 
-def score_slots(
-    store: EmbeddedIndex,
-    query: torch.Tensor,
-    budget: Budget,
-    segments: list[Segment],
-    offsets: list[int],
-    slots: np.ndarray | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact MaxSim of one query ``(1, R_q, D)`` against the rows at global ``slots`` of a snapshot.
+def synced(graph: CoarseIndex | None, root: Path, segments: Sequence[Segment], *, writer: bool) -> CoarseIndex:
+    """The graph covering ``segments``: ``graph`` extended, else the one saved beside the index, else a new one.
 
-    Returns ``(scores, slots)`` with the slots sorted (rows are read in storage order, one kernel call per
-    segment), the scores aligned with them.
+    A writer saves it whenever it has grown by more than 10 %, so the next process (a restarted server) loads it
+    instead of rebuilding. Not thread-safe: faiss HNSW must not be searched while another thread adds to it, so
+    the caller holds its lock around this and :func:`shortlists`.
     """
-    hits = np.sort(np.asarray(slots, dtype=np.int64))
-    starts = np.asarray(offsets[:-1])
-    seg_of = np.searchsorted(starts, hits, side="right") - 1
-    scores, out_slots = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]
-    for s_idx in np.unique(seg_of):
-        global_rows = hits[seg_of == s_idx]
-        local = torch.from_numpy(global_rows - offsets[s_idx])
-        scores.append(store.score_rows(query, budget, segments[int(s_idx)], local)[0])
-        out_slots.append(torch.from_numpy(global_rows))
-    return torch.cat(scores), torch.cat(out_slots)
+    if graph is None:
+        graph = CoarseIndex.load(root, segments) or CoarseIndex(segments[0].groups[0].shape[2])
+    graph = graph.sync(segments)
+    if writer and graph.index.ntotal > 1.1 * graph.saved_rows:
+        graph.save(root)
+    return graph
+
+
+def shortlists(
+    graph: CoarseIndex, first_query_vectors: torch.Tensor, segments: Sequence[Segment], candidates: int
+) -> list[np.ndarray]:
+    """Per query, the global slots of up to ``candidates`` live rows with the best (1,1) scores, best first."""
+    live = torch.cat([s.live for s in segments]).numpy()
+    total, dead = live.size, live.size - int(live.sum())
+    rows = graph.search(first_query_vectors, min(total, candidates + dead))  # dead rows are in the graph too
+    out = []
+    for found in rows:
+        hits = found[found >= 0]
+        out.append(hits[live[hits]][:candidates])
+    return out

@@ -11,8 +11,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from metaembed.errors import InputError
 from metaembed.index.base import DuplicateIdError
+from metaembed.scoring import check_embeddings
 from metaembed.text import check_unicode
 
 Metadata = dict[str, Any] | None
@@ -71,4 +74,22 @@ def check_metadata(metadata: Sequence[Metadata] | None, n: int | None = None) ->
     return out
 
 
-__all__ = ["check_ids", "check_metadata", "check_unique"]
+def check_write(
+    ids: Sequence[str], embeddings: torch.Tensor, metadata: Sequence[Metadata] | None, *, dim: int, num_vectors: int
+) -> tuple[list[str], torch.Tensor, list[Metadata]]:
+    """Everything an ``add`` or ``upsert`` checks before it writes: ``(ids, float32 CPU embeddings, metadata)``.
+
+    Ids valid and unique, embeddings ``(n, num_vectors, dim)`` floating and finite, one metadata entry per item.
+    """
+    ids = check_ids(ids)
+    check_embeddings(embeddings, "embeddings", num_vectors=num_vectors, dim=dim)
+    if len(ids) != embeddings.shape[0]:
+        raise InputError(f"got {len(ids)} ids for {embeddings.shape[0]} embeddings; pass one id per item")
+    check_unique(ids)
+    embeddings = embeddings.detach().to("cpu", torch.float32)
+    if not torch.isfinite(embeddings).all():
+        raise InputError("embeddings contain NaN or infinite values")
+    return ids, embeddings, check_metadata(metadata, len(ids))
+
+
+__all__ = ["check_ids", "check_metadata", "check_unique", "check_write"]
