@@ -127,3 +127,16 @@ def test_escalation_stops_at_the_first_level_whose_margin_reaches_the_threshold(
         )
         assert outcome.escalations == level and outcome.budget == Budget.LADDER[level]
         assert outcome.rows.tolist() == [0]
+
+
+def test_the_shipped_multi_aspect_model_carries_a_policy_for_its_own_weights():
+    from pathlib import Path
+
+    from metaembed.eval.common import fingerprint
+
+    model = Path(__file__).resolve().parents[1] / "models" / "metaembed-mini-multi"
+    policy = AutoBudget.find(model)
+    config = json.loads((model / "config.json").read_text())
+    policy.validate(config["num_query_tokens"], config["num_candidate_tokens"])
+    # a retrained model needs a new calibration: the policy names the weights it was fitted for
+    assert policy.calibration["model"]["fingerprint"] == fingerprint(sorted(model.glob("*.safetensors")))
