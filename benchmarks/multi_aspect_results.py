@@ -8,6 +8,7 @@ the spread, and every target with its margin.
 
     python benchmarks/multi_aspect_results.py --mmr slots-mmr --nommr slots-nommr \
         --singles single-mean single-last --others shipped [--plot docs/results/multi-aspect-quality.png]
+    python benchmarks/multi_aspect_results.py --summary warm-div-mmr warm-div-w3-mmr …   (one row per run)
 """
 
 from __future__ import annotations
@@ -101,15 +102,45 @@ def checks(results: dict[str, EvalResult], metric: str, args) -> list[str]:
     return out
 
 
+def summary(root: Path, labels: list[str]) -> str:
+    """One row per run, MMEB protocol: the sheets ladder's ends, its worst step, the means and the spread."""
+    head = ("| run | sheets 1x1 | sheets 16x64 | gain | worst ladder step (any task) | multi-aspect 16x64 "
+            "| single-aspect 16x64 | dev multi-aspect 16x64 | page spread |")  # fmt: skip
+    lines = [head, "|---|" + "---|" * 8]
+    budgets = ["1x1", "2x4", "4x8", "8x16", "16x64"]
+    for label in labels:
+        test, dev = load(root, label, "mmeb.json"), load(root, label, "dev/mmeb.json")
+        if test is None:
+            raise SystemExit(f"no docs/results/multi-{label}/mmeb.json")
+        tasks = multi_tasks(test)
+        sheets = [t for t in tasks if t.startswith(SHEETS_PREFIX)]
+        worst = min(b - a for t in tasks for a, b in pairwise([value(test, t, x, "precision_at_1") for x in budgets]))
+        low, high = (task_mean(test, sheets, b, "precision_at_1") for b in ("1x1", "16x64"))
+        single = task_mean(test, list(SINGLE_ASPECT), "16x64", "precision_at_1")
+        dev_mean = task_mean(dev, multi_tasks(dev), "16x64", "precision_at_1") if dev else None
+        spread_file = root / f"multi-{label}" / "spread.json"
+        spread = json.loads(spread_file.read_text())["candidate_pairwise_cosine"] if spread_file.is_file() else None
+        cells = [low, high, high - low, worst, task_mean(test, tasks, "16x64", "precision_at_1"), single, dev_mean]
+        text = ["–" if c is None else f"{c:+.1f}" if i in (2, 3) else f"{c:.1f}" for i, c in enumerate(cells)]
+        lines.append(f"| {label} | " + " | ".join(text) + f" | {'–' if spread is None else f'{spread:.3f}'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("docs/results"))
-    parser.add_argument("--mmr", required=True, help="label of the MMR run the targets are checked for")
+    parser.add_argument("--mmr", help="label of the MMR run the targets are checked for")
     parser.add_argument("--nommr", default="", help="label of its NoMMR run (same settings)")
     parser.add_argument("--singles", nargs="*", default=[], help="labels of single-vector runs (same settings)")
     parser.add_argument("--others", nargs="*", default=[], help="more labels to show, e.g. shipped")
     parser.add_argument("--plot", type=Path, help="quality vs budget and bytes, MMEB protocol, multi-aspect mean")
+    parser.add_argument("--summary", nargs="+", metavar="LABEL", help="only the one-row-per-run summary of these runs")
     args = parser.parse_args()
+    if args.summary:
+        print(summary(args.results, args.summary))
+        return
+    if not args.mmr:
+        parser.error("--mmr LABEL (or --summary LABEL …) is required")
     labels = [args.mmr, *([args.nommr] if args.nommr else []), *args.singles, *args.others]
     budgets = ["1x1", "2x4", "4x8", "8x16", "16x64"]
     for title, name, metric in (
