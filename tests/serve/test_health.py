@@ -28,7 +28,7 @@ def test_health_answers_while_every_worker_thread_is_taken(make_client, serve_mo
     assert client.portal.call(take_all_threads) == 0  # a sync route would now wait for a thread
     try:
         with client.app.state.service.index_lock.write():  # and a write in progress holds the index
-            health = client.get("/health", timeout=30)
+            health = client.get("/health")
     finally:
         client.portal.call(give_them_back)
     assert health.status_code == 200 and health.json()["index_size"] == 2
