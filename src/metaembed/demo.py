@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from metaembed.budget import Budget
-    from metaembed.data.errors import DatasetError
+    from metaembed.errors import DataError
     from metaembed.eval.index_retrieval import evaluate_index_retrieval
     from metaembed.eval.mmeb import load_datasets
     from metaembed.eval.report import plot_results
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     folders = [Path(args.data) / source for source in args.sources]
     missing = [str(f) for f in folders if not (f / "eval").is_dir()]
     if missing:
-        raise DatasetError(f"no built test split in {missing}; run `make data` (fetches and builds them) first")
+        raise DataError(f"no built test split in {missing}; run `make data` (fetches and builds them) first")
     budgets = Budget.parse_many(args.budgets) if args.budgets else None
     began = time.perf_counter()
     print(f"demo: loading {args.model}")

@@ -26,3 +26,15 @@ class InputError(MetaEmbedError, ValueError):
 
 class CheckpointError(MetaEmbedError, FileNotFoundError):
     """A checkpoint directory that is missing, incomplete or not a metaembed checkpoint."""
+
+
+class DataError(MetaEmbedError, ValueError):
+    """Data that cannot be read or built: a missing source, a bad spec, a record that breaks its schema.
+
+    The one data subtree: training readers, the evaluation loaders and the dataset builders all raise it
+    (or a subclass), so ``except DataError`` catches every data problem whichever room found it.
+    """
+
+
+class RecordError(DataError):
+    """One record that cannot be used; the message starts with where it is (``file:line``)."""

@@ -14,7 +14,7 @@ from PIL import Image
 from metaembed.cli import main
 from metaembed.data import (
     BuildOptions,
-    DatasetError,
+    DataError,
     ImageSkippedWarning,
     MissingRawDataError,
     build_dataset,
@@ -23,6 +23,11 @@ from metaembed.data import (
 from metaembed.data.common import I2T_QUERY, IMAGE_CANDIDATE, T2I_QUERY, is_test
 
 OPTIONS = BuildOptions(size=32, num_distractors=5)
+# sha256 of the manifests' "files" maps of the synthetic raw trees, recorded once: a rebuild in another process or
+# on another day must give the same bytes (PNG bytes depend on the Pillow version: these are Pillow 13.0.0's).
+OPENCLIPART_DIGEST = "9e038136954475276730bc9fc2ee5a83e64a07a89ebdc9f34c3f1d6be5c6f799"
+EMOJI_LIMIT_30_DIGEST = "1bd9315d5bc71c4f26f16b45d34c4bca02e1d96d399f3ef54ecf39e9040a8707"
+RENDER_DIGEST = "b4321a58b8d87ad6097a465b40212c8cbd5f17e80c443e63dc70c9e1e15bf5a1"
 TRAIN_KEYS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 EVAL_KEYS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 
@@ -35,6 +40,10 @@ def build(source: str, raw: Path, out: Path, options: BuildOptions = OPTIONS) ->
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def files_digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -95,7 +104,8 @@ def test_cleaning_counts_and_texts(built):
 
 
 def test_two_builds_are_byte_identical_wherever_the_raw_tree_lives(clipart_raw, tmp_path):
-    build("openclipart", clipart_raw, tmp_path / "a")
+    manifest = build("openclipart", clipart_raw, tmp_path / "a")
+    assert files_digest(manifest) == OPENCLIPART_DIGEST
     moved = tmp_path / "elsewhere" / "raw"
     shutil.copytree(clipart_raw, moved, symlinks=True)
     build("openclipart", moved, tmp_path / "b")
@@ -197,6 +207,7 @@ def test_emoji_build(emoji_raw, tmp_path):
 def test_limit_takes_a_deterministic_subset(emoji_raw, tmp_path):
     options = BuildOptions(size=32, num_distractors=3, limit=30)
     a = build("emoji", emoji_raw, tmp_path / "a", options)
+    assert files_digest(a) == EMOJI_LIMIT_30_DIGEST
     build("emoji", emoji_raw, tmp_path / "b", options)
     skipped = a["counts"]["skipped_images"]
     assert a["counts"]["items"] == 30 and a["counts"]["dropped"]["over_limit"] == 61 - 30 - skipped
@@ -215,11 +226,11 @@ def test_missing_raw_files_say_how_to_fetch(tmp_path):
 def test_bad_requests_fail_clearly_and_keep_the_previous_build(clipart_raw, tmp_path):
     build("openclipart", clipart_raw, tmp_path / "out")
     before = tree_bytes(tmp_path / "out/openclipart")
-    with pytest.raises(DatasetError, match="distractors"):
+    with pytest.raises(DataError, match="distractors"):
         build("openclipart", clipart_raw, tmp_path / "out", BuildOptions(size=32, num_distractors=500))
-    with pytest.raises(DatasetError, match="unknown dataset 'mnist'"):
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         build_dataset("mnist", clipart_raw, tmp_path / "out")
-    with pytest.raises(DatasetError, match="image size"):
+    with pytest.raises(DataError, match="image size"):
         build_dataset("openclipart", clipart_raw, tmp_path / "out", BuildOptions(size=4))
     assert tree_bytes(tmp_path / "out/openclipart") == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["openclipart"]
@@ -229,7 +240,7 @@ def test_verify_detects_tampering(built):
     folder, _ = built
     image = next((folder / "images").iterdir())
     image.write_bytes(image.read_bytes() + b"x")
-    with pytest.raises(DatasetError, match="differ from the manifest"):
+    with pytest.raises(DataError, match="differ from the manifest"):
         verify_dataset(folder)
 
 
@@ -270,15 +281,14 @@ def test_render_composites_on_white_and_keeps_aspect(tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     with pytest.raises(ImageProblem, match="cannot decode"):
         render_image(broken, 40)
-    digest = hashlib.sha256(render_image(wide, 40)).hexdigest()
-    assert digest == hashlib.sha256(render_image(wide, 40)).hexdigest()
+    assert hashlib.sha256(render_image(wide, 40)).hexdigest() == RENDER_DIGEST
 
 
 def test_hard_negatives_rank_by_overlap_and_skip_contained_titles(tmp_path):
-    from metaembed.data.common import Item, hard_negatives
+    from metaembed.data.common import SourceItem, hard_negatives
 
     def item(key, title, *keywords):
-        return Item(key=key, id=key, title=title, image=tmp_path / f"{key}.png", keywords=keywords)
+        return SourceItem(key=key, id=key, title=title, image=tmp_path / f"{key}.png", keywords=keywords)
 
     items = [
         item("a", "biohazard", "warning", "sign"),

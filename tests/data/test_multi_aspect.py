@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from metaembed.cli import main
-from metaembed.data import BuildOptions, DatasetError, ImageSkippedWarning, MissingRawDataError, build_dataset
+from metaembed.data import BuildOptions, DataError, ImageSkippedWarning, MissingRawDataError, build_dataset
 from metaembed.data.sheets import GUTTER, SheetOptions, build_sheets
 from metaembed.data.stdlib_docs import MEMBERS_PER_SECTION, MIN_MEMBERS_PER_SECTION, build_stdlib, mask, sections
 from metaembed.eval.mmeb import evaluate_mmeb, load_datasets
@@ -134,7 +134,7 @@ def test_sheets_rebuild_is_byte_identical_and_matches_the_stored_digest(sheets, 
 def test_sheets_needs_the_built_sources_and_sane_options(tmp_path, sources):
     with pytest.raises(MissingRawDataError, match="metaembed data build openclipart"):
         build_sheets(tmp_path / "nothing", tmp_path / "out")
-    with pytest.raises(DatasetError, match="grids"):
+    with pytest.raises(DataError, match="grids"):
         build_sheets(sources, tmp_path / "out", SheetOptions(grids=(2, 2)))
     assert not (tmp_path / "out" / "sheets").exists()
 

@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from metaembed.train.data import DataError, DatasetSpec, Mixture, collate, detect_format
+from metaembed.errors import DataError
+from metaembed.train.data import DatasetSpec, Mixture, collate, detect_format
 
 
 def _png(path, colour):
@@ -123,7 +124,7 @@ def test_bad_specs(tmp_path):
         DatasetSpec(path="x", format="csv")
     with pytest.raises(DataError, match="neither a file"):
         Mixture([DatasetSpec(path=str(tmp_path / "nope" / "x"))])
-    with pytest.raises(DataError, match="image_root"):
+    with pytest.raises(DataError, match="image root"):
         _write_jsonl(tmp_path / "d.jsonl", [{"query": "a", "positive": "b"}])
         Mixture([DatasetSpec(path=str(tmp_path / "d.jsonl"), image_root=str(tmp_path / "no.zip"))])
 

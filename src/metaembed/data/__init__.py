@@ -9,12 +9,13 @@ across runs on the same inputs and library versions.
 from __future__ import annotations
 
 from metaembed.data.build import SOURCES, BuildOptions, build_dataset, verify_dataset
-from metaembed.data.errors import DatasetError, ImageSkippedWarning, MissingRawDataError
+from metaembed.data.errors import ImageSkippedWarning, MissingRawDataError
+from metaembed.errors import DataError
 
 __all__ = [
     "SOURCES",
     "BuildOptions",
-    "DatasetError",
+    "DataError",
     "ImageSkippedWarning",
     "MissingRawDataError",
     "build_dataset",

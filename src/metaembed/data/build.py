@@ -19,7 +19,7 @@ from metaembed.data.common import (
     MAX_SOURCE_PIXELS,
     T2I_QUERY,
     ImageProblem,
-    Item,
+    SourceItem,
     distractors,
     hard_negatives,
     hash_int,
@@ -29,7 +29,8 @@ from metaembed.data.common import (
     split_rule,
     write_atomically,
 )
-from metaembed.data.errors import FETCH_HINT, DatasetError, ImageSkippedWarning, MissingRawDataError
+from metaembed.data.errors import FETCH_HINT, ImageSkippedWarning, MissingRawDataError
+from metaembed.errors import DataError
 
 SOURCES: dict[str, ModuleType] = {"openclipart": openclipart, "emoji": emoji}
 FORMAT_VERSION = 1
@@ -47,13 +48,13 @@ class BuildOptions:
 
     def validate(self) -> None:
         if not 16 <= self.size <= 1024:
-            raise DatasetError(f"image size must be between 16 and 1024 px, got {self.size}")
+            raise DataError(f"image size must be between 16 and 1024 px, got {self.size}")
         if not 1 <= self.test_percent <= 99:
-            raise DatasetError(f"test percent must be between 1 and 99, got {self.test_percent}")
+            raise DataError(f"test percent must be between 1 and 99, got {self.test_percent}")
         if self.num_distractors < 1:
-            raise DatasetError(f"the number of distractors must be at least 1, got {self.num_distractors}")
+            raise DataError(f"the number of distractors must be at least 1, got {self.num_distractors}")
         if self.limit is not None and self.limit < 2:
-            raise DatasetError(f"limit must be at least 2 items (or unset), got {self.limit}")
+            raise DataError(f"limit must be at least 2 items (or unset), got {self.limit}")
 
 
 def build_dataset(
@@ -72,7 +73,7 @@ def build_dataset(
     options = options or BuildOptions()
     options.validate()
     if source not in SOURCES:
-        raise DatasetError(f"unknown dataset {source!r}; available: {', '.join(sorted(SOURCES))}")
+        raise DataError(f"unknown dataset {source!r}; available: {', '.join(sorted(SOURCES))}")
     module = SOURCES[source]
     raw, out = Path(raw), Path(out)
     say = progress or (lambda message: None)
@@ -88,7 +89,7 @@ def build_dataset(
     rendered: dict[str, bytes] = {}
     skipped: list[dict[str, str]] = []
     seen_images: set[str] = set()
-    kept: list[Item] = []
+    kept: list[SourceItem] = []
     for position, item in enumerate(items):
         if options.limit is not None and len(kept) == options.limit:
             dropped["over_limit"] += len(items) - position
@@ -109,14 +110,14 @@ def build_dataset(
         kept.append(item)
     kept.sort(key=lambda item: item.key)
     if len({item.id for item in kept}) != len(kept):
-        raise DatasetError(f"{source}: two items map to the same image id; rename the raw files")
+        raise DataError(f"{source}: two items map to the same image id; rename the raw files")
 
     train = [item for item in kept if not is_test(source, item.key, options.test_percent)]
     test = [item for item in kept if is_test(source, item.key, options.test_percent)]
     if len(train) < 2:
-        raise DatasetError(f"{source}: only {len(train)} training items after cleaning; need at least 2")
+        raise DataError(f"{source}: only {len(train)} training items after cleaning; need at least 2")
     if len(test) < options.num_distractors + 1:
-        raise DatasetError(
+        raise DataError(
             f"{source}: {len(test)} test items cannot give each query {options.num_distractors} distractors; "
             f"lower --distractors (at most {max(len(test) - 1, 0)}) or raise --test-percent"
         )
@@ -193,7 +194,7 @@ def build_dataset(
     return manifest
 
 
-def _train_files(source: str, train: list[Item], skip_contained_titles: bool) -> dict[str, bytes]:
+def _train_files(source: str, train: list[SourceItem], skip_contained_titles: bool) -> dict[str, bytes]:
     negatives = hard_negatives(train, source, skip_contained_titles)
     t2i, i2t = [], []
     for item, neg in ((item, train[n]) for item, n in zip(train, negatives, strict=True)):
@@ -220,7 +221,7 @@ def _train_files(source: str, train: list[Item], skip_contained_titles: bool) ->
     return {f"train/{source}_t2i.jsonl": jsonl_bytes(t2i), f"train/{source}_i2t.jsonl": jsonl_bytes(i2t)}
 
 
-def _eval_files(source: str, test: list[Item], count: int) -> dict[str, bytes]:
+def _eval_files(source: str, test: list[SourceItem], count: int) -> dict[str, bytes]:
     out = {}
     for task in TASKS:
         records = []
@@ -266,10 +267,10 @@ def verify_dataset(folder: str | Path) -> dict:
             bad.append(name)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DatasetError(f"{folder}: {len(bad)} files are missing or differ from the manifest: {shown}; rebuild")
+        raise DataError(f"{folder}: {len(bad)} files are missing or differ from the manifest: {shown}; rebuild")
     extra = Counter(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) - Counter(
         [*manifest["files"], "manifest.json"]
     )
     if extra:
-        raise DatasetError(f"{folder}: files not in the manifest: {', '.join(sorted(extra)[:5])}; rebuild")
+        raise DataError(f"{folder}: files not in the manifest: {', '.join(sorted(extra)[:5])}; rebuild")
     return manifest

@@ -1,4 +1,4 @@
-"""Pieces every source shares: the item record, text cleaning, image rendering, split, negatives, distractors."""
+"""Pieces every source shares: the source item, text cleaning, image rendering, split, negatives, distractors."""
 
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ _STOPWORDS = frozenset(
 
 
 @dataclass(frozen=True)
-class Item:
-    """One image with its cleaned texts. ``key`` is the stable identity the split hashes."""
+class SourceItem:
+    """One image of a raw source with its cleaned texts (not a model input: that is
+    :class:`metaembed.model.items.Item`). ``key`` is the stable identity the split hashes."""
 
     key: str
     id: str
@@ -224,7 +225,7 @@ def seeded_rng(*parts: str) -> random.Random:
     return random.Random(hash_int(":".join(parts)))
 
 
-def hard_negatives(items: Sequence[Item], source: str, skip_contained_titles: bool = False) -> list[int]:
+def hard_negatives(items: Sequence[SourceItem], source: str, skip_contained_titles: bool = False) -> list[int]:
     """For each item, the index of the most similar *other* item by keyword/title-word Jaccard overlap.
 
     With ``skip_contained_titles``, items whose title words contain the other's ("biohazard" / "Biohazard

@@ -20,8 +20,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from metaembed.data.common import Item, clean_keywords, normalise_space
-from metaembed.data.errors import FETCH_HINT, DatasetError, MissingRawDataError
+from metaembed.data.common import SourceItem, clean_keywords, normalise_space
+from metaembed.data.errors import FETCH_HINT, MissingRawDataError
+from metaembed.errors import DataError
 
 NAME = "emoji"
 DATASOURCE = Path("emoji-datasource-google/package")
@@ -42,7 +43,7 @@ def _load_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path} is not valid JSON ({error}); delete data/raw and {FETCH_HINT}") from None
+        raise DataError(f"{path} is not valid JSON ({error}); delete data/raw and {FETCH_HINT}") from None
 
 
 def source_versions(raw: Path) -> dict[str, str]:
@@ -53,12 +54,12 @@ def source_versions(raw: Path) -> dict[str, str]:
     return versions
 
 
-def read_items(raw: Path) -> tuple[list[Item], int, Counter]:
+def read_items(raw: Path) -> tuple[list[SourceItem], int, Counter]:
     """Cleaned items sorted by key, the number of raw entries, and how many each rule dropped."""
     entries = _load_json(raw / DATASOURCE / "emoji.json")
     labels = _load_json(raw / EMOJIBASE / "en" / "data.json")
     if not isinstance(entries, list) or not isinstance(labels, list):
-        raise DatasetError("emoji.json and en/data.json must each hold a JSON list; delete data/raw and " + FETCH_HINT)
+        raise DataError("emoji.json and en/data.json must each hold a JSON list; delete data/raw and " + FETCH_HINT)
     if not (raw / IMAGES).is_dir():
         raise MissingRawDataError(f"emoji image folder {raw / IMAGES} is missing; {FETCH_HINT}")
     by_hex = {str(e.get("hexcode", "")).upper(): e for e in labels if isinstance(e, dict)}
@@ -91,5 +92,5 @@ def read_items(raw: Path) -> tuple[list[Item], int, Counter]:
             continue
         taken.add(label.lower())
         keywords = clean_keywords([str(t) for t in tags], frozenset(), exclude=(label,))
-        items.append(Item(key=key, id=key, title=label, image=image, keywords=keywords, category=category))
+        items.append(SourceItem(key=key, id=key, title=label, image=image, keywords=keywords, category=category))
     return items, len(entries), dropped

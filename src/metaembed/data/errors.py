@@ -1,17 +1,13 @@
-"""Errors and warnings of the dataset builders."""
+"""Errors and warnings of the dataset builders (under :class:`metaembed.errors.DataError`)."""
 
 from __future__ import annotations
 
-from metaembed.errors import MetaEmbedError
+from metaembed.errors import DataError
 
 FETCH_HINT = "run scripts/fetch_resources.sh (or `make data`) to download the raw sources into data/raw"
 
 
-class DatasetError(MetaEmbedError, ValueError):
-    """A dataset that cannot be built: unknown source, missing or malformed raw files, too few items."""
-
-
-class MissingRawDataError(DatasetError, FileNotFoundError):
+class MissingRawDataError(DataError, FileNotFoundError):
     """A raw source file or folder that should have been fetched is absent."""
 
 

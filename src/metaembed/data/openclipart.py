@@ -31,7 +31,7 @@ from pathlib import Path
 
 from metaembed.data.common import (
     MAX_DESCRIPTION_CHARS,
-    Item,
+    SourceItem,
     clean_keywords,
     has_word,
     normalise_space,
@@ -144,7 +144,7 @@ def source_versions(raw: Path) -> dict[str, str]:
     return {"openclipart-png": version, "openclipart-svg": version}
 
 
-def read_items(raw: Path) -> tuple[list[Item], int, Counter]:
+def read_items(raw: Path) -> tuple[list[SourceItem], int, Counter]:
     """Cleaned items sorted by key, the number of raw entries, and how many each rule dropped."""
     png_root, svg_root = raw / ROOT / "png", raw / ROOT / "svg"
     for folder in (png_root, svg_root):
@@ -170,7 +170,7 @@ def read_items(raw: Path) -> tuple[list[Item], int, Counter]:
         raise MissingRawDataError(f"no OpenClipArt PNG/SVG pairs under {raw / ROOT}; {FETCH_HINT}")
     uses = Counter(entry[2].lower() for entry in entries if entry[2])
     description_uses = Counter(entry[3] for entry in entries if entry[3])
-    items: list[Item] = []
+    items: list[SourceItem] = []
     taken: set[str] = set()
     for relative, png, title, description, keywords, creator in entries:
         category = relative.rsplit("/", 1)[0] if "/" in relative else ""
@@ -186,7 +186,7 @@ def read_items(raw: Path) -> tuple[list[Item], int, Counter]:
             continue
         taken.add(title.lower())
         items.append(
-            Item(
+            SourceItem(
                 key=relative,
                 id=safe_id(relative),
                 title=title,

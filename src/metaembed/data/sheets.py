@@ -23,9 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from metaembed.data.common import IMAGE_PLACEHOLDER, Item, hard_negatives, hash_int, seeded_rng, write_atomically
-from metaembed.data.errors import DatasetError, MissingRawDataError
+from metaembed.data.common import IMAGE_PLACEHOLDER, SourceItem, hard_negatives, hash_int, seeded_rng, write_atomically
+from metaembed.data.errors import MissingRawDataError
+from metaembed.data.records import iter_records
 from metaembed.data.tasks import Entry, Task, task_files
+from metaembed.errors import DataError, RecordError
 
 NAME = "sheets"
 SPLITS = ("train", "dev", "test")
@@ -48,15 +50,15 @@ class SheetOptions:
 
     def validate(self) -> None:
         if not self.grids or any(not 1 <= g <= 8 for g in self.grids) or len(set(self.grids)) != len(self.grids):
-            raise DatasetError(f"grids must be distinct sizes between 1 and 8, got {list(self.grids)}")
+            raise DataError(f"grids must be distinct sizes between 1 and 8, got {list(self.grids)}")
         if not 64 <= self.page_size <= 2048:
-            raise DatasetError(f"page size must be between 64 and 2048 px, got {self.page_size}")
+            raise DataError(f"page size must be between 64 and 2048 px, got {self.page_size}")
         if self.page_size // max(self.grids) - 2 * GUTTER < 8:
-            raise DatasetError(f"a {max(self.grids)}x{max(self.grids)} page of {self.page_size} px leaves no room")
+            raise DataError(f"a {max(self.grids)}x{max(self.grids)} page of {self.page_size} px leaves no room")
         if not 32 <= self.query_size <= 1024:
-            raise DatasetError(f"query size must be between 32 and 1024 px, got {self.query_size}")
+            raise DataError(f"query size must be between 32 and 1024 px, got {self.query_size}")
         if self.num_distractors < 1:
-            raise DatasetError(f"the number of distractors must be at least 1, got {self.num_distractors}")
+            raise DataError(f"the number of distractors must be at least 1, got {self.num_distractors}")
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class Tile:
     caption: str
     split: str
     image: Path
-    item: Item
+    item: SourceItem
 
 
 def read_tiles(data: Path) -> tuple[list[Tile], dict[str, str]]:
@@ -83,9 +85,8 @@ def read_tiles(data: Path) -> tuple[list[Tile], dict[str, str]]:
                 f"run `metaembed data build {source}` (or `make data`) first"
             )
         digests[source] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-        for number, line in enumerate((folder / "items.jsonl").read_text(encoding="utf-8").splitlines()):
+        for where, row in iter_records(folder / "items.jsonl"):
             try:
-                row = json.loads(line)
                 image = folder / row["image"]
                 tile = Tile(
                     uid=f"{source}__{row['id']}",
@@ -93,13 +94,13 @@ def read_tiles(data: Path) -> tuple[list[Tile], dict[str, str]]:
                     caption=row["caption"],
                     split=_split(row["split"], f"{source}:{row['key']}"),
                     image=image,
-                    item=Item(key=row["key"], id=row["id"], title=row["title"], image=image,
-                              keywords=tuple(row["keywords"])),
+                    item=SourceItem(key=row["key"], id=row["id"], title=row["title"], image=image,
+                                    keywords=tuple(row["keywords"])),
                 )  # fmt: skip
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise DatasetError(f"{folder}/items.jsonl line {number + 1}: {error!r}; rebuild {source}") from None
+            except (KeyError, TypeError) as error:
+                raise RecordError(f"{where}: {error!r}; rebuild {source}") from None
             if not image.is_file():
-                raise DatasetError(f"{image} is missing; rebuild {source} (`metaembed data verify {folder}`)")
+                raise DataError(f"{image} is missing; rebuild {source} (`metaembed data verify {folder}`)")
             tiles.append(tile)
     tiles.sort(key=lambda tile: tile.uid)
     return tiles, digests
@@ -267,6 +268,6 @@ def _negative_page(tile: Tile, nearest: dict[str, Tile], page_of: dict[str, int]
     if other is not None and page_of.get(other.uid, own) != own:
         return page_of[other.uid]
     if pages < 2:
-        raise DatasetError(f"{NAME}: a {grid}x{grid} training split needs at least 2 pages, has {pages}")
+        raise DataError(f"{NAME}: a {grid}x{grid} training split needs at least 2 pages, has {pages}")
     choice = seeded_rng(NAME, "negative", str(grid), tile.key).randrange(pages - 1)
     return choice + (choice >= own)

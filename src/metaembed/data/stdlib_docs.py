@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metaembed.data.common import is_test, normalise_space, seeded_rng, write_atomically
-from metaembed.data.errors import DatasetError, MissingRawDataError
+from metaembed.data.errors import MissingRawDataError
 from metaembed.data.tasks import Entry, Task, task_files
+from metaembed.errors import DataError
 
 NAME = "stdlib"
 TASK = "stdlib_sections"
@@ -138,7 +139,7 @@ def build_stdlib(
     if not root.is_dir():
         raise MissingRawDataError(f"standard library folder {root} does not exist")
     if not 1 <= test_percent <= 99:
-        raise DatasetError(f"test percent must be between 1 and 99, got {test_percent}")
+        raise DataError(f"test percent must be between 1 and 99, got {test_percent}")
     say = progress or (lambda message: None)
     dropped: Counter = Counter()
     problems: list[dict[str, str]] = []

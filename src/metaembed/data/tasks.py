@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from metaembed.data.common import distractors, jsonl_bytes
-from metaembed.data.errors import DatasetError
+from metaembed.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,13 @@ class Task:
 
     def check(self) -> None:
         if not (len(self.query_ids) == len(self.queries) == len(self.gold)):
-            raise DatasetError(f"{self.name}: query ids, queries and gold differ in length")
+            raise DataError(f"{self.name}: query ids, queries and gold differ in length")
         if len(self.corpus_ids) != len(self.corpus) or len(set(self.corpus_ids)) != len(self.corpus_ids):
-            raise DatasetError(f"{self.name}: corpus ids must be unique, one per candidate")
+            raise DataError(f"{self.name}: corpus ids must be unique, one per candidate")
         if len(set(self.query_ids)) != len(self.query_ids):
-            raise DatasetError(f"{self.name}: query ids repeat")
+            raise DataError(f"{self.name}: query ids repeat")
         if any(not 0 <= g < len(self.corpus) for g in self.gold):
-            raise DatasetError(f"{self.name}: a gold index is outside the corpus")
+            raise DataError(f"{self.name}: a gold index is outside the corpus")
 
 
 def task_files(task: Task, num_distractors: int, seed: str, split: str = "test") -> tuple[dict[str, bytes], int]:
@@ -70,7 +70,7 @@ def task_files(task: Task, num_distractors: int, seed: str, split: str = "test")
     task.check()
     count = min(num_distractors, len(task.corpus) - 1)
     if count < 1:
-        raise DatasetError(
+        raise DataError(
             f"{task.name}: {len(task.corpus)} {split} candidates are too few for a retrieval task; "
             "build from more source items"
         )

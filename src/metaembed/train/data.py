@@ -7,9 +7,10 @@ A record becomes an :class:`Example` (a query, its positive, its own hard negati
 * a ``.parquet`` / ``.json`` file, a directory of parquet files, a ``datasets.save_to_disk`` directory,
   or a hub id (``owner/name``, with ``subset`` and ``split``) — all through ``datasets``.
 
-Image paths in records are resolved against the dataset's ``image_root`` (a directory or a ``.zip``;
-default: the directory holding the data file). Images stored in the records (PIL, ``{"bytes": …}``)
-are used as they are.
+Records and images are read by :mod:`metaembed.data.records`, the reader evaluation and the builders use
+too: image paths are resolved against the dataset's ``image_root`` (a directory, or a ``.zip`` extracted
+once into the cache; default: the directory holding the data file). Images stored in the records (PIL,
+``{"bytes": …}``) are used as they are.
 
 Schemas (``format``; ``auto`` picks by the first record's keys):
 
@@ -19,38 +20,29 @@ Schemas (``format``; ``auto`` picks by the first record's keys):
 * ``jsonl``: ``query``, ``query_image``, ``positive``, ``positive_image``, ``negative`` /
   ``negative_image`` (str or list) or ``negatives`` (a list of ``{"text", "image"}``).
 
-A bad record (missing field, no content, unreadable image) is skipped with a counted warning naming
-``dataset:row`` and the reason, or stops the run (``on_bad_record="fail"``) with the same message.
+A bad record (invalid JSON, missing field, no content, unreadable image) is skipped with a counted warning
+naming ``dataset:row``, its ``file:line`` and the reason, or stops the run (``on_bad_record="fail"``) with
+the same message.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import os
-import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from metaembed.errors import InputError, MetaEmbedError
+from metaembed.data.records import ImageRoot, JsonlRows, check_on_bad_record, is_hub_id
+from metaembed.errors import DataError, InputError, RecordError
 from metaembed.model.items import load_image
 
 log = logging.getLogger("metaembed.train")
 
 FORMATS = ("auto", "mmeb", "colpali", "jsonl")
-ON_BAD = ("skip", "fail")
 _MAX_BAD_IN_A_ROW = 1000
-
-
-class DataError(MetaEmbedError, ValueError):
-    """Training data that cannot be read: a bad record (when failing on them), a missing source, a bad spec."""
 
 
 @dataclass
@@ -99,112 +91,20 @@ class Example:
     where: str = ""
 
 
-class BadRecord(Exception):
-    """Internal: a record that cannot become an Example (reason in the message)."""
-
-
 # ---------------------------------------------------------------------------------------------- sources
-class _JsonlRows:
-    """Random access to the rows of JSONL files by remembered byte offsets (nothing else kept in memory)."""
-
-    def __init__(self, files: Sequence[Path]) -> None:
-        self.files = list(files)
-        self.index: list[tuple[int, int]] = []
-        for f, path in enumerate(self.files):
-            with open(path, "rb") as handle:
-                offset = 0
-                for line in handle:
-                    if line.strip():
-                        self.index.append((f, offset))
-                    offset += len(line)
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict:
-        if self._pid != os.getpid():  # file handles do not survive a fork
-            self._handles, self._pid = {}, os.getpid()
-        f, offset = self.index[i]
-        handle = self._handles.get(f)
-        if handle is None:
-            handle = self._handles[f] = open(self.files[f], "rb")  # noqa: SIM115 - kept open for random access
-        handle.seek(offset)
-        line = handle.readline()
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise BadRecord(f"invalid JSON ({error.msg} at column {error.colno})") from error
-        if not isinstance(row, dict):
-            raise BadRecord(f"a JSONL row must be an object, got {type(row).__name__}")
-        return row
-
-
-class _ImageRoot:
-    """Resolves relative image paths in a directory or inside a zip (opened once per process)."""
-
-    def __init__(self, root: Path | None) -> None:
-        self.root = root
-        self.is_zip = root is not None and root.suffix.lower() == ".zip"
-        self._zip: zipfile.ZipFile | None = None
-        self._pid = os.getpid()
-        if root is not None and not root.exists():
-            raise DataError(f"image_root {str(root)!r} does not exist (a directory or a .zip)")
-
-    def open(self, reference: Any) -> Image.Image:
-        if isinstance(reference, Image.Image):
-            return load_image(reference, "image")
-        if isinstance(reference, Mapping):  # datasets' Image feature without decoding: {"bytes", "path"}
-            if reference.get("bytes"):
-                return self._decode(reference["bytes"], reference.get("path") or "<bytes>")
-            reference = reference.get("path")
-        if not isinstance(reference, str) or not reference:
-            raise BadRecord(f"cannot read an image from {type(reference).__name__} {reference!r}")
-        if self.is_zip:
-            return self._from_zip(reference)
-        path = Path(reference)
-        if not path.is_absolute() and self.root is not None:
-            path = self.root / path
-        try:
-            return load_image(path, "image")
-        except InputError as error:
-            raise BadRecord(str(error).removeprefix("image: ")) from error
-
-    def _from_zip(self, name: str) -> Image.Image:
-        if self._zip is None or self._pid != os.getpid():
-            self._zip, self._pid = zipfile.ZipFile(self.root), os.getpid()
-        names = [name, name.lstrip("./"), f"{self.root.stem}/{name}"]
-        for candidate in names:
-            try:
-                return self._decode(self._zip.read(candidate), f"{self.root}:{candidate}")
-            except KeyError:
-                continue
-        raise BadRecord(f"image {name!r} is not in {self.root}")
-
-    @staticmethod
-    def _decode(data: bytes, where: str) -> Image.Image:
-        try:
-            with Image.open(io.BytesIO(data)) as opened:
-                opened.load()
-                return load_image(opened.copy(), where)
-        except (OSError, Image.DecompressionBombError, InputError) as error:
-            raise BadRecord(f"cannot read image {where}: {error}") from error
-
-
 def _open_rows(spec: DatasetSpec):
     """Rows with ``len`` and integer indexing, and the default image root."""
     path = Path(spec.path).expanduser()
     if path.is_file():
         if path.suffix == ".jsonl":
-            return _JsonlRows([path]), path.parent
+            return JsonlRows([path]), path.parent
         if path.suffix in (".parquet", ".json"):
             return _hf_rows("parquet" if path.suffix == ".parquet" else "json", data_files=str(path)), path.parent
         raise DataError(f"dataset {spec.name}: cannot read {path} (expected .jsonl, .json or .parquet)")
     if path.is_dir():
         jsonl = sorted(path.glob("*.jsonl"))
         if jsonl:
-            return _JsonlRows(jsonl), path
+            return JsonlRows(jsonl), path
         parquet = sorted(str(p) for p in path.rglob("*.parquet"))
         if parquet:
             return _hf_rows("parquet", data_files=parquet), path
@@ -215,7 +115,7 @@ def _open_rows(spec: DatasetSpec):
             return (data[spec.split] if hasattr(data, "keys") else data), path
         raise DataError(f"dataset {spec.name}: {path} holds no .jsonl, .parquet or saved dataset")
     text = str(spec.path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if is_hub_id(text):
         try:
             from datasets import load_dataset
 
@@ -239,7 +139,7 @@ def detect_format(row: Mapping) -> str:
         return "colpali"
     if "query" in row and ("positive" in row or "positive_image" in row):
         return "jsonl"
-    raise BadRecord(
+    raise RecordError(
         f"cannot tell the schema from keys {sorted(row)}: expected mmeb (qry, pos_text, …), "
         "colpali (query, image) or jsonl (query, positive, …)"
     )
@@ -254,23 +154,34 @@ def _listify(value) -> list:
 
 
 class _Reader:
-    """One sub-dataset: rows + schema + image root → Examples (or BadRecord)."""
+    """One sub-dataset: rows + schema + image root → Examples (or a RecordError naming the row)."""
 
     def __init__(self, spec: DatasetSpec) -> None:
         self.spec = spec
         self.rows, default_root = _open_rows(spec)
-        root = Path(spec.image_root).expanduser() if spec.image_root else default_root
-        self.images = _ImageRoot(root)
+        self.images = ImageRoot(Path(spec.image_root).expanduser() if spec.image_root else default_root)
         self.size = len(self.rows) if spec.max_rows is None else min(len(self.rows), spec.max_rows)
         if self.size == 0:
             raise DataError(f"dataset {spec.name}: {spec.path} has no rows")
         self.format = spec.format
+        self._where = ""
+
+    def where(self, i: int) -> str:
+        """``file:line`` of a JSONL row, else the source and row number."""
+        return self.rows.where(i) if isinstance(self.rows, JsonlRows) else f"{self.spec.path} row {i}"
+
+    def _bad(self, reason: str) -> RecordError:
+        return RecordError(f"{self._where}: {reason}")
 
     def example(self, i: int) -> Example:
+        self._where = self.where(i)
         row = self.rows[i]
         if not isinstance(row, Mapping):
-            raise BadRecord(f"a record must be a mapping, got {type(row).__name__}")
-        fmt = self.format if self.format != "auto" else detect_format(row)
+            raise self._bad(f"a record must be a mapping, got {type(row).__name__}")
+        try:
+            fmt = self.format if self.format != "auto" else detect_format(row)
+        except RecordError as error:
+            raise self._bad(str(error)) from None
         if fmt == "mmeb":
             query = self._item(row, "qry", "qry_image_path", inline="qry_image")
             positive = self._item(row, "pos_text", "pos_image_path", inline="pos_image")
@@ -293,7 +204,7 @@ class _Reader:
     ) -> dict:
         for key in (text_key, image_key) if required else ():
             if key is not None and key not in row and not (inline and inline in row):
-                raise BadRecord(f"missing field {key!r}")
+                raise self._bad(f"missing field {key!r}")
         image = row.get(inline) if inline and row.get(inline) is not None else None
         if image is None and image_key is not None:
             image = row.get(image_key)
@@ -303,7 +214,7 @@ class _Reader:
         texts, images = _listify(texts), _listify(images)
         count = max(len(texts), len(images))
         if texts and images and len(texts) != len(images):
-            raise BadRecord(f"{len(texts)} negative texts but {len(images)} negative images")
+            raise self._bad(f"{len(texts)} negative texts but {len(images)} negative images")
         return [
             self._side(texts[j] if j < len(texts) else None, images[j] if j < len(images) else None)
             for j in range(count)
@@ -311,11 +222,16 @@ class _Reader:
 
     def _side(self, text, image) -> dict:
         if text is not None and not isinstance(text, str):
-            raise BadRecord(f"text must be a string, got {type(text).__name__}")
+            raise self._bad(f"text must be a string, got {type(text).__name__}")
         text = text if text else None
-        loaded = self.images.open(image) if image not in (None, "") else None
+        loaded = None
+        if image not in (None, ""):
+            try:  # RGB, and the shapes the model's processor accepts
+                loaded = load_image(self.images.open(image, self._where), self._where)
+            except InputError as error:
+                raise RecordError(str(error)) from error
         if text is None and loaded is None:
-            raise BadRecord("a query, positive or negative has neither text nor image")
+            raise self._bad("a query, positive or negative has neither text nor image")
         return {"text": text, "image": loaded}
 
 
@@ -339,8 +255,7 @@ class Mixture:
     ) -> None:
         if not specs:
             raise DataError("the recipe names no datasets (data.datasets is empty)")
-        if on_bad_record not in ON_BAD:
-            raise DataError(f"on_bad_record must be one of {ON_BAD}, got {on_bad_record!r}")
+        check_on_bad_record(on_bad_record)
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             raise DataError(f"dataset names must be unique, got {names} (set 'name' per dataset)")
@@ -387,9 +302,8 @@ class Mixture:
             i = self._row(d)
             try:
                 return self.readers[d].example(i)
-            except BadRecord as error:
-                where = f"{self.readers[d].spec.name}:{i}"
-                message = f"bad record {where} ({self.readers[d].spec.path}): {error}"
+            except RecordError as error:
+                message = f"bad record {self.readers[d].spec.name}:{i} at {error}"
                 if self.on_bad_record == "fail":
                     raise DataError(message + " (set data.on_bad_record=skip to skip bad records)") from None
                 self.bad[self.readers[d].spec.name] += 1
