@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from metaembed.eval.common import EvalDataError, ResumeStore
+from metaembed.errors import DataError
+from metaembed.eval.common import ResumeStore
 from metaembed.eval.mmeb import evaluate_mmeb, load_datasets
 from metaembed.eval.vidore import evaluate_vidore, resolve_tasks
 
@@ -58,7 +59,7 @@ def test_vidore_from_a_hub_id(local_hub, vidore_data, table_encoder):
 
 def test_unreachable_hub_ids_are_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EvalDataError, match="not a local folder"):
+    with pytest.raises(DataError, match="not a local folder"):
         load_datasets("nobody/no-such-mmeb")
 
 

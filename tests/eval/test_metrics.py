@@ -11,6 +11,7 @@ import pytrec_eval
 
 from metaembed.eval.metrics import (
     MetricError,
+    canonical_measure,
     evaluate_dense,
     evaluate_run,
     mean_over_queries,
@@ -21,8 +22,8 @@ from metaembed.eval.metrics import (
 )
 
 CUTOFFS = (1, 3, 5, 10)
-OURS = [f"ndcg@{k}" for k in CUTOFFS] + [f"recall@{k}" for k in CUTOFFS] + [f"precision@{k}" for k in CUTOFFS]
-OURS += [f"hit@{k}" for k in CUTOFFS] + ["mrr"]
+OURS = [f"ndcg_at_{k}" for k in CUTOFFS] + [f"recall_at_{k}" for k in CUTOFFS] + [f"precision_at_{k}" for k in CUTOFFS]
+OURS += [f"hit_at_{k}" for k in CUTOFFS] + ["mrr"]
 TREC = {"ndcg": "ndcg_cut_{k}", "recall": "recall_{k}", "precision": "P_{k}", "hit": "success_{k}"}
 
 
@@ -78,13 +79,13 @@ def test_hand_computed_ndcg_with_ties():
     # c (0.9) first; a and b tie at 0.5 and trec_eval puts the larger id first: b, then a.
     run = {"q": {"a": 0.5, "b": 0.5, "c": 0.9, "d": 0.1}}
     qrels = {"q": {"a": 2, "b": 0, "c": 1}}
-    got = evaluate_run(run, qrels, ["ndcg@2", "ndcg@3", "mrr", "recall@2", "precision@2"])["q"]
+    got = evaluate_run(run, qrels, ["ndcg_at_2", "ndcg@3", "mrr", "recall_at_2", "precision_at_2"])["q"]
     ideal2 = 2 + 1 / math.log2(3)
-    assert got["ndcg@2"] == pytest.approx(1 / ideal2)
-    assert got["ndcg@3"] == pytest.approx((1 + 2 / math.log2(4)) / ideal2)
+    assert got["ndcg_at_2"] == pytest.approx(1 / ideal2)
+    assert got["ndcg_at_3"] == pytest.approx((1 + 2 / math.log2(4)) / ideal2)  # asked for as ndcg@3
     assert got["mrr"] == 1.0
-    assert got["recall@2"] == 0.5
-    assert got["precision@2"] == 0.5
+    assert got["recall_at_2"] == 0.5
+    assert got["precision_at_2"] == 0.5
     assert ndcg_at_k([0, 0], [0, 0], 5) == 0.0
 
 
@@ -104,9 +105,14 @@ def test_pessimistic_rank_counts_ties_against_the_gold():
 
 
 def test_bad_measures_and_empty_runs_are_rejected():
-    for bad in ("ndcg", "ndcg@0", "map@5", "recall@x"):
+    for bad in ("ndcg", "ndcg@0", "ndcg_at_0", "map_at_5", "recall@x", "ndcg_5"):
         with pytest.raises(MetricError):
             parse_measure(bad)
     with pytest.raises(MetricError):
         mean_over_queries({}, ["mrr"])
     assert mean_over_queries({"a": {"mrr": 1.0}, "b": {"mrr": 0.5}}, ["mrr"]) == {"mrr": 0.75}
+
+
+def test_one_spelling_out_whichever_comes_in():
+    assert canonical_measure("ndcg@5") == canonical_measure("NDCG_at_5") == "ndcg_at_5"
+    assert canonical_measure("hit@1") == "hit_at_1" and canonical_measure("mrr") == "mrr"

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaembed import Budget, BudgetError, maxsim
-from metaembed.eval.common import EvalDataError
+from metaembed import Budget, BudgetError
+from metaembed.errors import DataError
 from metaembed.eval.mmeb import (
     MMEB_DATASETS,
     budget_scores,
@@ -16,6 +16,7 @@ from metaembed.eval.mmeb import (
     load_datasets,
     parse_records,
 )
+from metaembed.scoring import maxsim_reference
 
 
 def reference_ranks(encoder, rows, budget):
@@ -31,7 +32,7 @@ def reference_ranks(encoder, rows, budget):
                 keys.append(key)
         q = encoder.vectors("query", qkey)[None].double()
         c = torch.stack([encoder.vectors("candidate", k) for k in keys]).double()
-        scores = maxsim(q, c, budget)[0]
+        scores = maxsim_reference(q, c, budget)[0]
         ranks.append(sum(1 for s in scores.tolist() if s >= scores[0].item()))
     return ranks
 
@@ -137,14 +138,14 @@ def test_hand_computed_budget_dependence(table_encoder):
     assert result.value("Hand", "2x4") == 1.0
 
 
-def test_budget_scores_equal_maxsim_at_every_budget():
+def test_budget_scores_equal_the_reference_at_every_budget():
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(16, 8, generator=gen, dtype=torch.float64)
     candidates = torch.randn(30, 64, 8, generator=gen, dtype=torch.float64)
     budgets = [*Budget.LADDER, Budget(3, 5), Budget(16, 1)]
     got = budget_scores(query, candidates, budgets)
     for row, budget in enumerate(budgets):
-        torch.testing.assert_close(got[row], maxsim(query[None], candidates, budget)[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[row], maxsim_reference(query[None], candidates, budget)[0], rtol=0, atol=1e-12)
 
 
 def test_hub_layout_with_images_zip_gives_the_same_numbers(mmeb_data, mmeb_zip_data, table_encoder):
@@ -169,17 +170,17 @@ def test_the_table_has_36_datasets_in_4_categories():
 
 def test_bad_data_is_rejected_before_any_encoding(mmeb_data, table_encoder, tmp_path):
     eval_dir, root, _ = mmeb_data
-    with pytest.raises(EvalDataError, match="no data for"):
+    with pytest.raises(DataError, match="no data for"):
         load_datasets(eval_dir, ["NotThere"], image_root=root)
-    with pytest.raises(EvalDataError, match="images are missing"):
+    with pytest.raises(DataError, match="images are missing"):
         load_datasets(eval_dir, ["CIRR"], image_root=tmp_path)
-    with pytest.raises(EvalDataError, match="missing field 'tgt_text'"):
+    with pytest.raises(DataError, match="missing field 'tgt_text'"):
         parse_records([{"qry_text": "q", "qry_img_path": "", "tgt_img_path": []}], "x")
-    with pytest.raises(EvalDataError, match="pair up"):
+    with pytest.raises(DataError, match="pair up"):
         parse_records([{"qry_text": "q", "qry_img_path": "", "tgt_text": ["a", "b"], "tgt_img_path": ["x"]}], "x")
-    with pytest.raises(EvalDataError, match="neither text nor an image"):
+    with pytest.raises(DataError, match="neither text nor an image"):
         parse_records([{"qry_text": "", "qry_img_path": "", "tgt_text": ["a"], "tgt_img_path": [""]}], "x")
-    with pytest.raises(EvalDataError, match="neither a folder nor a hub id"):
+    with pytest.raises(DataError, match="neither a folder nor a hub id"):
         load_datasets(tmp_path / "missing" / "dir")
     encoder = table_encoder(num_query=4, num_candidate=8)
     with pytest.raises(BudgetError):
@@ -208,7 +209,7 @@ def test_budget_scores_property(r_q, r_c, n, dim, picks, seed):
     got = budget_scores(query, candidates, budgets)
     assert got.shape == (len(budgets), n)
     for row, budget in enumerate(budgets):
-        torch.testing.assert_close(got[row], maxsim(query[None], candidates, budget)[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[row], maxsim_reference(query[None], candidates, budget)[0], rtol=0, atol=1e-12)
 
 
 def test_a_source_folder_with_an_eval_subfolder_is_read_with_images_beside_it(mmeb_data, table_encoder):

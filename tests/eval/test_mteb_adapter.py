@@ -11,9 +11,10 @@ from mteb.mocks.mock_tasks.retrieval import MockAny2AnyRetrievalI2TTask, MockAny
 from mteb.mocks.mock_tasks.sts import MockSTSTask
 from mteb.mocks.mock_tasks.summarization import MockSummarizationTask
 
-from metaembed import Budget, maxsim
+from metaembed import Budget
 from metaembed.errors import InputError, ShapeError
 from metaembed.eval.mteb_adapter import MetaEmbedMTEB
+from metaembed.scoring import maxsim_reference
 
 
 @pytest.mark.slow
@@ -50,7 +51,7 @@ def test_retrieval_scores_equal_direct_maxsim_and_pytrec_eval(tiny_model, task_c
     b = Budget.parse(budget)
     q = tiny_model.encode_queries([{k: v for k, v in i.items() if v is not None} for i in items(queries)])
     c = tiny_model.encode_candidates([{k: v for k, v in i.items() if v is not None} for i in items(corpus)])
-    similarity = maxsim(q.double(), c.double(), b)
+    similarity = maxsim_reference(q, c, b)
     run = {qid: {did: float(similarity[i, j]) for j, did in enumerate(corpus["id"])}
            for i, qid in enumerate(queries["id"])}  # fmt: skip
     expected = pytrec_eval.RelevanceEvaluator(split["relevant_docs"], {"ndcg_cut.10", "recall.1"}).evaluate(run)
@@ -70,8 +71,9 @@ def test_encode_similarity_and_metadata(tiny_model):
     d = wrapper.encode(batches, task_metadata=MockRetrievalTask.metadata, hf_split="test", hf_subset="default",
                        prompt_type=mteb.types.PromptType.document)  # fmt: skip
     assert q.shape == (3, 2, 64) and d.shape == (3, 4, 64)
-    torch.testing.assert_close(wrapper.similarity(q, d), maxsim(q, d))
-    torch.testing.assert_close(wrapper.similarity_pairwise(q, d), torch.diagonal(maxsim(q, d)))
+    expected = maxsim_reference(q, d).float()
+    torch.testing.assert_close(wrapper.similarity(q, d), expected)
+    torch.testing.assert_close(wrapper.similarity_pairwise(q, d), torch.diagonal(expected))
     pooled = wrapper.encode(batches, task_metadata=MockClassificationTask.metadata, hf_split="test",
                             hf_subset="default")  # fmt: skip
     assert pooled.shape == (3, 64)

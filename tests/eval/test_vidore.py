@@ -12,9 +12,10 @@ import pytrec_eval
 import torch
 from PIL import Image
 
-from metaembed import Budget, maxsim
-from metaembed.eval.common import EvalDataError
+from metaembed import Budget
+from metaembed.errors import DataError
 from metaembed.eval.vidore import V2_TASKS, build_dataset, evaluate_vidore, resolve_tasks
+from metaembed.scoring import maxsim_reference
 
 
 def read_table(folder: Path, part: str) -> list[dict]:
@@ -43,7 +44,8 @@ def reference(encoder, folder: Path, languages, budget):
         if q["query-id"] not in qrels:
             continue
         qv = encoder.encode_queries([{"text": q["query"], "image": None}])[0].double()
-        run[q["query-id"]] = {d: float(maxsim(qv[None], v[None], budget)[0, 0]) for d, v in page_vectors.items()}
+        scores = {d: maxsim_reference(qv[None], v[None], budget)[0, 0] for d, v in page_vectors.items()}
+        run[q["query-id"]] = {d: float(s) for d, s in scores.items()}
     judged = {q: qrels[q] for q in run}
     per_query = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.5,10", "recall.1,5", "recip_rank"}).evaluate(run)
     keys = {
@@ -117,11 +119,11 @@ def test_hand_computed_graded_ndcg(tmp_path, table_encoder):
 
 
 def test_bad_beir_data_is_rejected(vidore_data, tmp_path):
-    with pytest.raises(EvalDataError, match="unknown ViDoRe task"):
+    with pytest.raises(DataError, match="unknown ViDoRe task"):
         resolve_tasks(vidore_data, ["nope"])
-    with pytest.raises(EvalDataError, match="neither"):
+    with pytest.raises(DataError, match="neither"):
         resolve_tasks(vidore_data, ["biomedical"])
-    with pytest.raises(EvalDataError, match="not in the corpus"):
+    with pytest.raises(DataError, match="not in the corpus"):
         build_dataset(
             "x",
             "x",
@@ -130,7 +132,7 @@ def test_bad_beir_data_is_rejected(vidore_data, tmp_path):
             [{"query-id": 1, "query": "q"}],
             [{"query-id": 1, "corpus-id": 2, "score": 1}],
         )
-    with pytest.raises(EvalDataError, match="no query"):
+    with pytest.raises(DataError, match="no query"):
         build_dataset(
             "x",
             "x",
@@ -140,12 +142,12 @@ def test_bad_beir_data_is_rejected(vidore_data, tmp_path):
             [{"query-id": 1, "corpus-id": 1, "score": 1}],
             languages=["eng"],
         )
-    with pytest.raises(EvalDataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         build_dataset("x", "x", None, [{"corpus-id": 1, "image": "missing.png"}], [], [], image_root=tmp_path)
-    with pytest.raises(EvalDataError, match="repeats"):
+    with pytest.raises(DataError, match="repeats"):
         build_dataset("x", "x", None, [{"corpus-id": 1, "image": {"bytes": b"x"}}],
                       [{"query-id": 1, "query": "q"}, {"query-id": 1, "query": "r"}], [])  # fmt: skip
-    with pytest.raises(EvalDataError, match="holds no BEIR"):
+    with pytest.raises(DataError, match="holds no BEIR"):
         resolve_tasks(tmp_path)
 
 

@@ -1,7 +1,8 @@
-"""Evaluation: ranking metrics, the MMEB and ViDoRe runners at every budget, an mteb adapter, reports.
+"""Evaluation: ranking metrics, the MMEB, ViDoRe and index-retrieval runs at every budget, an mteb adapter, reports.
 
-The runners encode every query and every distinct candidate once, with all vectors, and score each
-budget of the ladder from that one pass (encoding cost does not depend on the budget).
+One skeleton (:mod:`metaembed.eval.runner`) runs every benchmark: it encodes every query and every distinct
+candidate once, with all vectors, scores each budget of the ladder from that one pass (encoding cost does not
+depend on the budget), and can resume; each benchmark supplies only its data, its scoring and its groups.
 """
 
 from __future__ import annotations

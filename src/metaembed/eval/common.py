@@ -1,13 +1,9 @@
-"""What both runners share: the encoder protocol, budget selection, data-source helpers, fingerprints."""
+"""What every runner shares: the encoder protocol, budget selection, model and data fingerprints, resume."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import tempfile
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -15,14 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from metaembed.budget import Budget
-from metaembed.cache import cache_dir
-from metaembed.errors import BudgetError, InputError, MetaEmbedError
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class EvalDataError(MetaEmbedError, ValueError):
-    """Evaluation data that is missing, unreadable, or not in the expected schema."""
+from metaembed.errors import BudgetError, DataError, InputError
 
 
 @runtime_checkable
@@ -108,12 +97,6 @@ def fingerprint(paths: Sequence[Path]) -> str | None:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def is_hub_id(source: str | os.PathLike) -> bool:
-    """True for ``owner/name`` that is not an existing local path."""
-    text = str(source)
-    return not Path(text).exists() and bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
-
-
 def hub_revision(repo_id: str) -> str | None:
     """The commit sha of a hub dataset (what the loaders fetched)."""
     from huggingface_hub import HfApi
@@ -121,81 +104,9 @@ def hub_revision(repo_id: str) -> str | None:
     try:
         return HfApi().dataset_info(repo_id).sha
     except Exception as error:  # offline, unknown repo, gated: the hub client raises many types
-        raise EvalDataError(
+        raise DataError(
             f"{repo_id!r} is not a local folder, and the hub could not serve it as a dataset: {error}"
         ) from error
-
-
-def extract_zip(archive: Path) -> Path:
-    """Extract an image archive once into the cache (keyed by path, size and mtime) and return the folder.
-
-    Extraction goes to a temporary folder that is renamed into place, so an interrupted run leaves no
-    half-extracted cache behind.
-    """
-    stat = archive.stat()
-    key = hashlib.sha1(f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "images" / f"{archive.stem}-{key}"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        with zipfile.ZipFile(archive) as bundle:
-            bundle.extractall(staging)
-        staging.rename(target)
-    except zipfile.BadZipFile as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise EvalDataError(f"{archive} is not a readable zip archive: {error}") from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
-def image_root_for(sample: Sequence[str], root: Path) -> Path:
-    """``root``, or its one sub-folder holding the images (archives often wrap them in a top folder)."""
-    probes = [p for p in sample if p][:20]
-    if not probes or any((root / p).is_file() for p in probes):
-        return root
-    for child in sorted(p for p in root.iterdir() if p.is_dir()):
-        if any((child / p).is_file() for p in probes):
-            return child
-    return root
-
-
-def read_records(path: Path) -> list[dict]:
-    """Rows of a ``.jsonl`` file, a ``.parquet`` file, or every parquet file of a folder (sorted)."""
-    import json
-
-    if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
-        tests = [f for f in files if f.name.startswith("test")]
-        files = tests or files
-        if not files:
-            raise EvalDataError(f"{path} holds no .parquet files")
-        return [row for file in files for row in read_records(file)]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several types for corrupt files
-            raise EvalDataError(f"cannot read parquet file {path}: {error}") from error
-    if path.suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as stream:
-            for number, line in enumerate(stream, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise EvalDataError(f"{path}:{number}: not valid JSON: {error}") from error
-                if not isinstance(row, dict):
-                    raise EvalDataError(f"{path}:{number}: a record must be a JSON object")
-                rows.append(row)
-        return rows
-    raise EvalDataError(f"cannot read {path}: expected a .jsonl or .parquet file or a folder of parquet files")
 
 
 class ResumeStore:

@@ -1,5 +1,8 @@
 """Ranking metrics: hit@k (Precision@1), precision@k, recall@k, nDCG@k with graded relevance, MRR.
 
+Measures are named ``ndcg_at_5``, ``recall_at_1``, ``precision_at_1``, ``hit_at_5``, ``mrr`` — the names
+result files store; the trec-style ``ndcg@5`` is accepted as input and read as ``ndcg_at_5``.
+
 Conventions are trec_eval's (and so pytrec_eval's and mteb's), so numbers compare with published ones:
 
 * a document is relevant when its qrel score is ≥ ``relevance_level`` (1);
@@ -29,7 +32,8 @@ from metaembed.errors import MetaEmbedError
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
 
-_MEASURE = re.compile(r"^(ndcg|recall|precision|hit)@(\d+)$|^(mrr)$")
+# ``ndcg_at_5`` is the spelling result files have always stored; ``ndcg@5`` (trec-style) is still read.
+_MEASURE = re.compile(r"^(ndcg|recall|precision|hit)(?:_at_|@)(\d+)$|^(mrr)$")
 
 
 class MetricError(MetaEmbedError, ValueError):
@@ -37,16 +41,24 @@ class MetricError(MetaEmbedError, ValueError):
 
 
 def parse_measure(name: str) -> tuple[str, int | None]:
-    """``"ndcg@5"`` → ``("ndcg", 5)``; ``"mrr"`` → ``("mrr", None)``."""
+    """``"ndcg_at_5"`` (or ``"ndcg@5"``) → ``("ndcg", 5)``; ``"mrr"`` → ``("mrr", None)``."""
     match = _MEASURE.match(name.strip().lower())
     if match is None:
-        raise MetricError(f"unknown measure {name!r}; allowed: ndcg@K, recall@K, precision@K, hit@K, mrr (K ≥ 1)")
+        raise MetricError(
+            f"unknown measure {name!r}; allowed: ndcg_at_K, recall_at_K, precision_at_K, hit_at_K, mrr (K ≥ 1)"
+        )
     if match.group(3):
         return "mrr", None
     k = int(match.group(2))
     if k < 1:
         raise MetricError(f"measure {name!r}: the cutoff K must be at least 1")
     return match.group(1), k
+
+
+def canonical_measure(name: str) -> str:
+    """The one spelling results use: ``ndcg_at_5`` for ``ndcg@5`` or ``NDCG_at_5``; ``mrr``."""
+    kind, k = parse_measure(name)
+    return kind if k is None else f"{kind}_at_{k}"
 
 
 # ------------------------------------------------------------------------------------ per ranking
@@ -126,13 +138,15 @@ def _descending_id_rank(doc_ids: Sequence[str]) -> np.ndarray:
 def measure_ranking(
     ranked_ids: Sequence[str], judged: Mapping[str, int], measures: Sequence[str], relevance_level: int = 1
 ) -> dict[str, float]:
-    """Every measure of one query's ranking against its qrels (doc id → graded score)."""
+    """Every measure of one query's ranking against its qrels (doc id → graded score), keyed by
+    :func:`canonical_measure` names."""
     gains = [max(float(judged.get(doc, 0)), 0.0) for doc in ranked_ids]
     relevant = [judged.get(doc, 0) >= relevance_level for doc in ranked_ids]
     num_relevant = sum(1 for score in judged.values() if score >= relevance_level)
     out: dict[str, float] = {}
-    for name in measures:
-        kind, k = parse_measure(name)
+    for measure in measures:
+        kind, k = parse_measure(measure)
+        name = canonical_measure(measure)
         if kind == "ndcg":
             out[name] = ndcg_at_k(gains, judged.values(), k)
         elif kind == "recall":
@@ -189,4 +203,5 @@ def mean_over_queries(per_query: Mapping[str, Mapping[str, float]], measures: Se
     """Plain mean of each measure over the evaluated queries (NaN-free; raises if there are none)."""
     if not per_query:
         raise MetricError("no query was evaluated: the run and the qrels share no query id")
-    return {name: float(np.mean([values[name] for values in per_query.values()])) for name in measures}
+    names = [canonical_measure(m) for m in measures]
+    return {name: float(np.mean([values[name] for values in per_query.values()])) for name in names}

@@ -14,15 +14,13 @@ Protocol, and where it deliberately differs from a naive reading:
 * **ties never favour the gold**: the gold's rank is 1 + the number of other candidates scoring
   greater than **or equal to** it (VLM2Vec's ``argmax`` would give index 0, the gold, every tie);
 * every distinct query and candidate of a dataset is encoded **once**, with all vectors; every budget is
-  scored from that pass: one similarity block per query, then a running max over candidate vectors and
-  a running sum over query vectors give the score at every ``(r_q, r_c)`` at once;
+  scored from that pass: one similarity block per query from the scoring engine, sliced per budget;
 * overall, category and IND / OOD scores are plain means over datasets; a dataset outside the 36 is
   reported in category "Other" (split "n/a") and counts in the overall only.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,27 +29,16 @@ from typing import Any
 import torch
 
 from metaembed.budget import Budget
-from metaembed.eval.common import (
-    EvalDataError,
-    ResumeStore,
-    check_encoded,
-    describe_model,
-    extract_zip,
-    fingerprint,
-    hub_revision,
-    image_root_for,
-    is_hub_id,
-    read_records,
-    run_or_reuse,
-    select_budgets,
-)
-from metaembed.eval.report import EvalResult, mean
-
-logger = logging.getLogger(__name__)
+from metaembed.data.records import ImageRoot, is_hub_id, iter_records
+from metaembed.errors import DataError
+from metaembed.eval.common import fingerprint, hub_revision
+from metaembed.eval.report import EvalResult
+from metaembed.eval.runner import TaskFamily, TaskSummary, encode_items, run, scoring_device
+from metaembed.scoring import maxsim_from_similarities, token_similarities
 
 CATEGORIES = ("Classification", "VQA", "Retrieval", "Visual Grounding")
 OTHER = "Other"
-HUB_ID = "TIGER-Lab/MMEB-eval"
+MMEB_HUB_ID = "TIGER-Lab/MMEB-eval"
 MEASURES = ("precision_at_1", "hit_at_5", "mrr")
 MAIN_METRIC = "precision_at_1"
 
@@ -116,23 +103,28 @@ class DatasetScores:
 
 
 # ------------------------------------------------------------------------------------------- data
-def parse_records(rows: Sequence[dict], where: str) -> tuple[list[ItemKey], list[list[ItemKey]]]:
-    """Query keys and per-query candidate keys (gold first, duplicates dropped) from MMEB records."""
+def parse_records(
+    rows: Sequence[dict], where: str, places: Sequence[str] | None = None
+) -> tuple[list[ItemKey], list[list[ItemKey]]]:
+    """Query keys and per-query candidate keys (gold first, duplicates dropped) from MMEB records.
+
+    ``places``: where each row came from (``file:line``) for error messages, else ``<where> record <n>``.
+    """
     queries, candidates = [], []
     for number, row in enumerate(rows):
-        at = f"{where} record {number}"
+        at = places[number] if places is not None else f"{where} record {number}"
         for key in ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"):
             if key not in row:
-                raise EvalDataError(
+                raise DataError(
                     f"{at}: missing field {key!r} (MMEB-eval records have qry_text, "
                     "qry_img_path, tgt_text [list], tgt_img_path [list])"
                 )
         queries.append(_key(row["qry_text"], row["qry_img_path"], at + " query"))
         texts, images = _as_list(row["tgt_text"], at, "tgt_text"), _as_list(row["tgt_img_path"], at, "tgt_img_path")
         if not texts and not images:
-            raise EvalDataError(f"{at}: empty candidate list; the gold candidate must come first")
+            raise DataError(f"{at}: empty candidate list; the gold candidate must come first")
         if texts and images and len(texts) != len(images):
-            raise EvalDataError(
+            raise DataError(
                 f"{at}: tgt_text has {len(texts)} entries but tgt_img_path {len(images)}; "
                 "they must pair up (use empty strings for a missing side)"
             )
@@ -147,18 +139,18 @@ def _as_list(value: Any, at: str, field_name: str) -> list:
     if value is None:
         return []
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise EvalDataError(f"{at}: {field_name} must be a list, got {type(value).__name__}")
+        raise DataError(f"{at}: {field_name} must be a list, got {type(value).__name__}")
     return list(value)
 
 
 def _key(text: Any, image: Any, at: str) -> ItemKey:
     for name, value in (("text", text), ("image path", image)):
         if value is not None and not isinstance(value, str):
-            raise EvalDataError(f"{at}: {name} must be a string or null, got {type(value).__name__}")
+            raise DataError(f"{at}: {name} must be a string or null, got {type(value).__name__}")
     text = text if text and text.strip() else None
     image = image if image and image.strip() else None
     if text is None and image is None:
-        raise EvalDataError(f"{at}: has neither text nor an image path")
+        raise DataError(f"{at}: has neither text nor an image path")
     return text, image
 
 
@@ -181,7 +173,7 @@ def load_datasets(
         return _load_hub(str(source), names, image_root)
     directory = Path(source)
     if not directory.is_dir():
-        raise EvalDataError(f"MMEB data {str(source)!r} is neither a folder nor a hub id 'owner/name'")
+        raise DataError(f"MMEB data {str(source)!r} is neither a folder nor a hub id 'owner/name'")
     available = list_local_datasets(directory)
     if (directory / "eval").is_dir() and (not available or (directory / "manifest.json").is_file()):
         # a data builder's source folder: data/<source>/eval/<task>.jsonl, image paths relative to data/<source>/
@@ -191,47 +183,43 @@ def load_datasets(
     wanted = list(names) if names else available
     missing = [n for n in wanted if n not in available]
     if missing:
-        raise EvalDataError(
+        raise DataError(
             f"{directory}: no data for {missing}; available: {available or 'none'} "
             "(expected <dataset>.jsonl or <dataset>/*.parquet)"
         )
     if not wanted:
-        raise EvalDataError(f"{directory} holds no MMEB datasets (<dataset>.jsonl or <dataset>/*.parquet)")
+        raise DataError(f"{directory} holds no MMEB datasets (<dataset>.jsonl or <dataset>/*.parquet)")
     root = _image_root(directory, image_root)
     out = []
     for name in wanted:
         path = directory / f"{name}.jsonl"
         path = path if path.is_file() else directory / name
         files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-        queries, candidates = parse_records(read_records(path), f"{path}")
-        out.append(MMEBDataset(name, str(path), fingerprint(files), root, queries, candidates))
-    _resolve_images(out)
+        records = list(iter_records(path))
+        queries, candidates = parse_records([r for _, r in records], f"{path}", [w for w, _ in records])
+        out.append(MMEBDataset(name, str(path), fingerprint(files), root.folder, queries, candidates))
+    _resolve_images(out, root)
     return out
 
 
-def _image_root(directory: Path, image_root: str | Path | None) -> Path:
+def _image_root(directory: Path, image_root: str | Path | None) -> ImageRoot:
+    """``--image-root`` (a folder or a .zip), else an ``images.zip`` in the folder, else the folder itself."""
     if image_root is not None:
-        root = Path(image_root)
-        if root.is_file() and root.suffix == ".zip":
-            return extract_zip(root)
-        if not root.is_dir():
-            raise EvalDataError(f"image root {str(root)!r} is not a folder or a .zip archive")
-        return root
+        return ImageRoot(image_root)
     archive = directory / "images.zip"
-    return extract_zip(archive) if archive.is_file() else directory
+    return ImageRoot(archive if archive.is_file() else directory)
 
 
-def _resolve_images(datasets: Sequence[MMEBDataset]) -> None:
-    """Pick the image folder (an archive may wrap images in a top folder); fail early on missing files."""
+def _resolve_images(datasets: Sequence[MMEBDataset], root: ImageRoot) -> None:
+    """Pick each dataset's image folder (an archive may wrap images in a top folder); fail early on missing files."""
     for dataset in datasets:
         paths = sorted({k[1] for k in dataset.queries if k[1]} | {k[1] for c in dataset.candidates for k in c if k[1]})
         if not paths:
             continue
-        assert dataset.image_root is not None
-        dataset.image_root = image_root_for(paths, dataset.image_root)
+        dataset.image_root = root.folder_for(paths)
         absent = [p for p in paths if not (dataset.image_root / p).is_file()]
         if absent:
-            raise EvalDataError(
+            raise DataError(
                 f"{dataset.name}: {len(absent)} of {len(paths)} images are missing under "
                 f"{dataset.image_root}, e.g. {absent[:3]}; pass --image-root"
             )
@@ -244,15 +232,15 @@ def _load_hub(repo: str, names: Sequence[str] | None, image_root: str | Path | N
     wanted = list(names) if names else list(MMEB_DATASETS)
     revision = hub_revision(repo)
     if image_root is not None:
-        root = _image_root(Path("."), image_root)
+        root = ImageRoot(image_root)
     else:
-        root = extract_zip(Path(hf_hub_download(repo, "images.zip", repo_type="dataset", revision=revision)))
+        root = ImageRoot(hf_hub_download(repo, "images.zip", repo_type="dataset", revision=revision))
     out = []
     for name in wanted:
         rows = load_dataset(repo, name, split="test", revision=revision)
         queries, candidates = parse_records(list(rows), f"{repo}/{name}")
-        out.append(MMEBDataset(name, f"{repo}/{name}", revision, root, queries, candidates))
-    _resolve_images(out)
+        out.append(MMEBDataset(name, f"{repo}/{name}", revision, root.folder, queries, candidates))
+    _resolve_images(out, root)
     return out
 
 
@@ -267,72 +255,22 @@ def encode_keys(
 ) -> torch.Tensor:
     """Embeddings ``(len(keys), R, D)`` of item keys on one side, checked against the budgets."""
     encode = encoder.encode_queries if side == "query" else encoder.encode_candidates
-    return check_encoded(encode(model_items(keys, root), batch_size=batch_size), len(keys), side, budgets)
+    return encode_items(encode, model_items(keys, root), side, budgets, batch_size)
 
 
 def budget_scores(query: torch.Tensor, candidates: torch.Tensor, budgets: Sequence[Budget]) -> torch.Tensor:
     """``(n_budgets, N)`` MaxSim scores of one query ``(R_q, D)`` against ``(N, R_c, D)`` at every budget.
 
-    One similarity block ``(N, R_q, R_c)``; a running max over candidate vectors and a running sum over
-    query vectors hold the score of every prefix pair, from which each budget picks its entry.
+    One similarity block ``(N, R_q, R_c)`` from the scoring engine, sliced per budget.
     """
-    sims = torch.einsum("id,njd->nij", query, candidates)
-    columns = torch.tensor([b.r_c - 1 for b in budgets], device=sims.device)
-    best = sims.cummax(dim=2).values.index_select(2, columns)  # (N, R_q, n_budgets): max over j < r_c
-    running = best.cumsum(dim=1)  # sum over i < r_q
-    rows = torch.tensor([b.r_q - 1 for b in budgets], device=sims.device)
-    return running[:, rows, torch.arange(len(budgets), device=sims.device)].T
-
-
-def score_dataset(
-    encoder: Any,
-    dataset: MMEBDataset,
-    budgets: Sequence[Budget],
-    *,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    store_dtype: torch.dtype = torch.float32,
-    progress: Callable[[str], None] | None = None,
-) -> DatasetScores:
-    """Encode the dataset's distinct queries and candidates once; gold ranks at every budget."""
-    query_keys = list(dict.fromkeys(dataset.queries))
-    candidate_keys = list(dict.fromkeys(k for c in dataset.candidates for k in c))
-    query_index = {k: i for i, k in enumerate(query_keys)}
-    candidate_index = {k: i for i, k in enumerate(candidate_keys)}
-    if progress:
-        progress(f"{dataset.name}: encoding {len(query_keys)} queries and {len(candidate_keys)} candidates once")
-    q = encode_keys(encoder, query_keys, dataset.image_root, "query", budgets, batch_size)
-    c = encode_keys(encoder, candidate_keys, dataset.image_root, "candidate", budgets, batch_size)
-    if q.shape[2] != c.shape[2]:
-        raise EvalDataError(f"query vectors have D = {q.shape[2]} but candidate vectors D = {c.shape[2]}")
-    device = torch.device(device) if device is not None else _device(encoder, q)
-    q, c = q.to(device, torch.float32), c.to(device, store_dtype)  # bf16 storage halves memory; scored in fp32
-    ranks: dict[str, list[int]] = {str(b): [] for b in budgets}
-    for key, keys in zip(dataset.queries, dataset.candidates, strict=True):
-        index = torch.tensor([candidate_index[k] for k in keys], device=device)
-        scores = budget_scores(q[query_index[key]], c.index_select(0, index).float(), budgets)  # gold is column 0
-        if torch.isnan(scores).any():
-            raise EvalDataError(f"{dataset.name}: the encoder produced NaN scores")
-        gold_rank = (scores >= scores[:, :1]).sum(dim=1).tolist()  # a tie with the gold ranks above it
-        for budget, rank in zip(budgets, gold_rank, strict=True):
-            ranks[str(budget)].append(int(rank))
-    result = DatasetScores(
-        name=dataset.name,
-        ranks=ranks,
-        num_queries=len(dataset.queries),
-        distinct_queries=len(query_keys),
-        distinct_candidates=len(candidate_keys),
-        candidate_slots=sum(len(c) for c in dataset.candidates),
-        dim=int(q.shape[2]),
-    )
-    result.metrics = {budget: metrics_from_ranks(r) for budget, r in ranks.items()}
-    return result
+    sims = token_similarities(query[None], candidates)[0]
+    return torch.stack([maxsim_from_similarities(sims, budget) for budget in budgets])
 
 
 def metrics_from_ranks(ranks: Sequence[int]) -> dict[str, float]:
     """Precision@1 (= hit@1), hit@5 and MRR from gold ranks (1 = first)."""
     if not ranks:
-        raise EvalDataError("no queries to score")
+        raise DataError("no queries to score")
     n = len(ranks)
     return {
         "precision_at_1": sum(r == 1 for r in ranks) / n,
@@ -341,24 +279,80 @@ def metrics_from_ranks(ranks: Sequence[int]) -> dict[str, float]:
     }
 
 
-def group_means(per_dataset: dict[str, dict[str, dict[str, float]]], budgets: Sequence[str]) -> list[dict]:
-    """Category, IND / OOD and overall means (plain means over the datasets present)."""
-    membership: dict[str, list[str]] = {"overall": list(per_dataset)}
-    for category in (*CATEGORIES, OTHER):
-        members = [n for n in per_dataset if MMEB_DATASETS.get(n, (OTHER, ""))[0] == category]
-        if members:
-            membership[category] = members
-    for split in ("IND", "OOD"):
-        members = [n for n in per_dataset if MMEB_DATASETS.get(n, ("", "n/a"))[1] == split]
-        if members:
-            membership[split] = members
-    rows = []
-    for group, members in membership.items():
-        for budget in budgets:
-            for metric in MEASURES:
-                values = [per_dataset[n][budget][metric] for n in members]
-                rows.append(dict(group=group, budget=budget, metric=metric, value=mean(values), num_tasks=len(members)))
-    return rows
+class MMEBFamily(TaskFamily):
+    """Each query ranked among its own distinct candidates; every distinct query and candidate encoded once."""
+
+    benchmark = "mmeb"
+    main_metric = MAIN_METRIC
+    measures = MEASURES
+    noun = "dataset"
+
+    def __init__(self, device: torch.device | None = None, store_dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.store_dtype = device, store_dtype
+
+    def items(self, task: MMEBDataset) -> tuple[list[dict], list[dict]]:
+        queries = list(dict.fromkeys(task.queries))
+        candidates = list(dict.fromkeys(k for c in task.candidates for k in c))
+        return model_items(queries, task.image_root), model_items(candidates, task.image_root)
+
+    def score(self, task: MMEBDataset, q: torch.Tensor, c: torch.Tensor, budgets: Sequence[Budget]) -> dict:
+        query_index = {k: i for i, k in enumerate(dict.fromkeys(task.queries))}
+        candidate_index = {k: i for i, k in enumerate(dict.fromkeys(k for c in task.candidates for k in c))}
+        device = self.device or q.device
+        q, c = q.to(device, torch.float32), c.to(device, self.store_dtype)  # bf16 storage halves memory; fp32 scores
+        ranks: dict[str, list[int]] = {str(b): [] for b in budgets}
+        for key, keys in zip(task.queries, task.candidates, strict=True):
+            index = torch.tensor([candidate_index[k] for k in keys], device=device)
+            scores = budget_scores(q[query_index[key]], c.index_select(0, index).float(), budgets)  # gold: column 0
+            if torch.isnan(scores).any():
+                raise DataError(f"{task.name}: the encoder produced NaN scores")
+            gold_rank = (scores >= scores[:, :1]).sum(dim=1).tolist()  # a tie with the gold ranks above it
+            for budget, rank in zip(budgets, gold_rank, strict=True):
+                ranks[str(budget)].append(int(rank))
+        result = DatasetScores(
+            name=task.name,
+            ranks=ranks,
+            num_queries=len(task.queries),
+            distinct_queries=len(query_index),
+            distinct_candidates=len(candidate_index),
+            candidate_slots=sum(len(c) for c in task.candidates),
+            dim=int(q.shape[2]),
+        )
+        result.metrics = {budget: metrics_from_ranks(r) for budget, r in ranks.items()}
+        return asdict(result)
+
+    def summarize(self, task: MMEBDataset, payload: dict, budgets: Sequence[Budget]) -> TaskSummary:
+        result = DatasetScores(**payload)
+        described = dict(
+            name=task.name,
+            id=task.source,
+            revision=task.revision,
+            category=task.category,
+            split=task.split,
+            num_queries=result.num_queries,
+            num_candidates=result.distinct_candidates,
+        )
+        encodes = {
+            "query_encodes": result.distinct_queries,
+            "candidate_encodes": result.distinct_candidates,
+            "naive_query_encodes": result.num_queries * len(budgets),
+            "naive_candidate_encodes": result.candidate_slots * len(budgets),
+        }
+        return TaskSummary(result.metrics, result.dim, described, encodes)
+
+    def groups(self, described: Sequence[dict]) -> dict[str, list[str]]:
+        """Overall, category and IND / OOD means (plain means over the datasets present)."""
+        names = [d["name"] for d in described]
+        membership: dict[str, list[str]] = {"overall": names}
+        for category in (*CATEGORIES, OTHER):
+            members = [n for n in names if MMEB_DATASETS.get(n, (OTHER, ""))[0] == category]
+            if members:
+                membership[category] = members
+        for split in ("IND", "OOD"):
+            members = [n for n in names if MMEB_DATASETS.get(n, ("", "n/a"))[1] == split]
+            if members:
+                membership[split] = members
+        return membership
 
 
 def evaluate_mmeb(
@@ -378,56 +372,6 @@ def evaluate_mmeb(
     With ``resume_dir`` each finished dataset is saved there and a rerun with the same model, budgets and
     data reuses it (see :class:`~metaembed.eval.common.ResumeStore`).
     """
-    chosen = select_budgets(encoder, budgets)
-    model_info = describe_model(encoder, model_name)
-    store = ResumeStore(resume_dir, "mmeb", model_info, [str(b) for b in chosen]) if resume_dir else None
-    names = [d.name for d in datasets]
-    if len(set(names)) != len(names):
-        raise EvalDataError(f"dataset names repeat: {names}")
-    per_dataset, scores, described, dim = {}, [], [], None
-    encodes = {"query_encodes": 0, "candidate_encodes": 0, "naive_query_encodes": 0, "naive_candidate_encodes": 0}
-    for dataset in datasets:
-
-        def compute(dataset=dataset) -> dict:
-            return asdict(score_dataset(encoder, dataset, chosen, batch_size=batch_size, device=device,
-                                        store_dtype=store_dtype, progress=progress))  # fmt: skip
-
-        result = DatasetScores(**run_or_reuse(store, dataset.name, dataset.source, dataset.revision, compute, progress))
-        per_dataset[dataset.name] = result.metrics
-        for budget, values in result.metrics.items():
-            for metric, value in values.items():
-                scores.append(dict(task=dataset.name, budget=budget, metric=metric, value=value))
-        described.append(
-            dict(
-                name=dataset.name,
-                id=dataset.source,
-                revision=dataset.revision,
-                category=dataset.category,
-                split=dataset.split,
-                num_queries=result.num_queries,
-                num_candidates=result.distinct_candidates,
-            )
-        )
-        encodes["query_encodes"] += result.distinct_queries
-        encodes["candidate_encodes"] += result.distinct_candidates
-        encodes["naive_query_encodes"] += result.num_queries * len(chosen)
-        encodes["naive_candidate_encodes"] += result.candidate_slots * len(chosen)
-        dim = result.dim
-    budget_names = [str(b) for b in chosen]
-    return EvalResult(
-        benchmark="mmeb",
-        model=model_info,
-        main_metric=MAIN_METRIC,
-        budgets=budget_names,
-        embedding_dim=int(dim or 0),
-        datasets=described,
-        scores=scores,
-        groups=group_means(per_dataset, budget_names),
-        encodes=encodes,
-    )
-
-
-def _device(encoder: Any, embeddings: torch.Tensor) -> torch.device:
-    """Score where the model runs (a GPU scores much faster), else where the embeddings are."""
-    device = getattr(encoder, "device", None)
-    return device if isinstance(device, torch.device) else embeddings.device
+    family = MMEBFamily(scoring_device(encoder, device), store_dtype)
+    return run(family, encoder, datasets, budgets, batch_size=batch_size, model_name=model_name,
+               progress=progress, resume_dir=resume_dir)  # fmt: skip

@@ -98,7 +98,11 @@ class EvalResult:
             missing = sorted(required - set(data)) if isinstance(data, dict) else sorted(required)
             raise ReportError(f"{path} is not a metaembed eval result: missing {missing}")
         known = set(cls.__dataclass_fields__)
-        return cls(**{key: value for key, value in data.items() if key in known})
+        result = cls(**{key: value for key, value in data.items() if key in known})
+        result.main_metric = _one_spelling(result.main_metric)
+        for row in (*result.scores, *result.groups):
+            row["metric"] = _one_spelling(row["metric"])
+        return result
 
     # ------------------------------------------------------------------------------------- markdown
     def markdown(self, digits: int = 1) -> str:
@@ -151,6 +155,15 @@ def _find(rows: list[dict], key: str, name: str, budget: str, metric: str) -> fl
         if row[key] == name and row["budget"] == budget and row["metric"] == metric:
             return float(row["value"])
     raise ReportError(f"no {metric} for {key} {name!r} at budget {budget} in this result")
+
+
+def _one_spelling(metric: str) -> str:
+    """``ndcg@5`` (trec spelling) read as ``ndcg_at_5``, the spelling results are written in."""
+    if "@" not in metric:
+        return metric
+    from metaembed.eval.metrics import canonical_measure
+
+    return canonical_measure(metric)
 
 
 def _pct(value: float, digits: int) -> str:

@@ -17,7 +17,6 @@ English queries when only that is present.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,22 +26,15 @@ import numpy as np
 import torch
 
 from metaembed.budget import Budget
-from metaembed.eval.common import (
-    EvalDataError,
-    ResumeStore,
-    check_encoded,
-    describe_model,
-    fingerprint,
-    hub_revision,
-    is_hub_id,
-    read_records,
-    select_budgets,
-)
+from metaembed.data.records import ImageRoot, is_hub_id, read_records
+from metaembed.errors import DataError
+from metaembed.eval.common import fingerprint, hub_revision
 from metaembed.eval.metrics import evaluate_dense, mean_over_queries
-from metaembed.eval.report import EvalResult, mean
+from metaembed.eval.report import EvalResult
+from metaembed.eval.runner import TaskFamily, TaskSummary, run, scoring_device
 from metaembed.scoring import maxsim
 
-MEASURES = ("ndcg@5", "ndcg@10", "recall@1", "recall@5", "mrr")
+MEASURES = ("ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "mrr")
 MAIN_METRIC = "ndcg_at_5"
 PARTS = ("corpus", "queries", "qrels")
 _LANGUAGES = {"en": "eng", "english": "eng", "fr": "fra", "french": "fra", "es": "spa", "spanish": "spa",
@@ -122,47 +114,48 @@ def build_dataset(
     image_root: Path | None = None,
 ) -> BeirDataset:
     """Validate the three BEIR tables and apply the language filter."""
+    images = ImageRoot(image_root)
     corpus_ids, corpus_items = [], []
     for number, row in enumerate(corpus):
         if "corpus-id" not in row or not ({"image", "text"} & set(row)):
-            raise EvalDataError(
+            raise DataError(
                 f"{source} corpus row {number}: needs 'corpus-id' and an 'image' or a 'text', has {sorted(row)}"
             )
         corpus_ids.append(str(row["corpus-id"]))
-        corpus_items.append(_item(row, "text", image_root, f"{source} corpus row {number}"))
+        corpus_items.append(_item(row, "text", images, f"{source} corpus row {number}"))
     if not corpus_ids:
-        raise EvalDataError(f"{source}: the corpus is empty")
+        raise DataError(f"{source}: the corpus is empty")
     if len(set(corpus_ids)) != len(corpus_ids):
-        raise EvalDataError(f"{source}: corpus ids repeat; each page needs a unique corpus-id")
+        raise DataError(f"{source}: corpus ids repeat; each page needs a unique corpus-id")
     wanted = {normalise_language(lang) for lang in languages} if languages else None
     query_ids, query_items, seen = [], [], set()
     for number, row in enumerate(queries):
         if "query-id" not in row or not ({"query", "image"} & set(row)):
-            raise EvalDataError(
+            raise DataError(
                 f"{source} queries row {number}: needs 'query-id' and a 'query' or an 'image', has {sorted(row)}"
             )
         if wanted is not None and normalise_language(row.get("language", "eng")) not in wanted:
             continue
         if str(row["query-id"]) in seen:
-            raise EvalDataError(f"{source} queries row {number}: query-id {row['query-id']!r} repeats")
+            raise DataError(f"{source} queries row {number}: query-id {row['query-id']!r} repeats")
         seen.add(str(row["query-id"]))
         query_ids.append(str(row["query-id"]))
-        query_items.append(_item(row, "query", image_root, f"{source} queries row {number}"))
+        query_items.append(_item(row, "query", images, f"{source} queries row {number}"))
     judged: dict[str, dict[str, int]] = {}
     known = set(corpus_ids)
     keep = set(query_ids)
     for number, row in enumerate(qrels):
         if not {"query-id", "corpus-id", "score"} <= set(row):
-            raise EvalDataError(f"{source} qrels row {number}: needs 'query-id', 'corpus-id', 'score'")
+            raise DataError(f"{source} qrels row {number}: needs 'query-id', 'corpus-id', 'score'")
         query, doc = str(row["query-id"]), str(row["corpus-id"])
         if query not in keep:
             continue
         if doc not in known:
-            raise EvalDataError(f"{source} qrels row {number}: corpus-id {doc!r} is not in the corpus")
+            raise DataError(f"{source} qrels row {number}: corpus-id {doc!r} is not in the corpus")
         judged.setdefault(query, {})[doc] = int(row["score"])
     have = [i for i, q in enumerate(query_ids) if q in judged]
     if not have:
-        raise EvalDataError(f"{source}: no query (after the language filter {sorted(wanted or [])}) has qrels")
+        raise DataError(f"{source}: no query (after the language filter {sorted(wanted or [])}) has qrels")
     return BeirDataset(
         name=name,
         source=source,
@@ -176,7 +169,7 @@ def build_dataset(
     )
 
 
-def _item(row: dict, text_key: str, root: Path | None, where: str) -> dict:
+def _item(row: dict, text_key: str, root: ImageRoot, where: str) -> dict:
     """A model item from a BEIR row: its text (``text_key``) and image, either of which may be absent."""
     text = row.get(text_key)
     image = row.get("image")
@@ -186,28 +179,23 @@ def _item(row: dict, text_key: str, root: Path | None, where: str) -> dict:
     }
 
 
-def _image_ref(value: Any, root: Path | None, where: str) -> Any:
+def _image_ref(value: Any, root: ImageRoot, where: str) -> Any:
     if isinstance(value, dict):
         if value.get("bytes"):
             return bytes(value["bytes"])
         value = value.get("path")
     if isinstance(value, str) and value:
-        path = Path(value)
-        if not path.is_absolute() and root is not None:
-            path = root / path
-        if not path.is_file():
-            raise EvalDataError(f"{where}: image {str(path)!r} does not exist")
-        return path
+        return root.locate(value, where)
     if value is not None and hasattr(value, "convert"):  # a PIL image from datasets
         return value
-    raise EvalDataError(f"{where}: 'image' must be a path, a {{bytes, path}} struct or an image, got {value!r}")
+    raise DataError(f"{where}: 'image' must be a path, a {{bytes, path}} struct or an image, got {value!r}")
 
 
 def load_local(directory: Path, name: str, languages: Sequence[str] | None = None) -> BeirDataset:
     paths = {part: _part_path(directory, part) for part in PARTS}
     missing = [p for p, path in paths.items() if path is None]
     if missing:
-        raise EvalDataError(f"{directory} is not a BEIR dataset: no {missing} (<part>.jsonl, .parquet or folder)")
+        raise DataError(f"{directory} is not a BEIR dataset: no {missing} (<part>.jsonl, .parquet or folder)")
     files = sorted(f for path in paths.values() for f in ([path] if path.is_file() else path.rglob("*.parquet")))
     return build_dataset(
         name, str(directory), fingerprint(files), *(read_records(paths[p]) for p in PARTS), languages, directory
@@ -242,12 +230,12 @@ def resolve_tasks(
         return [load_hub(str(source), str(source).split("/")[-1], languages)]
     directory = Path(source)
     if not directory.is_dir():
-        raise EvalDataError(f"ViDoRe data {str(source)!r} is not a folder, a hub id 'owner/name', or 'hub'")
+        raise DataError(f"ViDoRe data {str(source)!r} is not a folder, a hub id 'owner/name', or 'hub'")
     if is_beir_dir(directory):
         return [load_local(directory, directory.name, languages)]
     folders = {p.name: p for p in sorted(directory.iterdir()) if is_beir_dir(p)}
     if not folders:
-        raise EvalDataError(f"{directory} holds no BEIR datasets (folders with corpus, queries and qrels)")
+        raise DataError(f"{directory} holds no BEIR datasets (folders with corpus, queries and qrels)")
     out = []
     if tasks:
         for name in tasks:
@@ -256,7 +244,7 @@ def resolve_tasks(
             elif name in by_name:
                 found = _local_task(by_name[name], folders)
                 if found is None:
-                    raise EvalDataError(
+                    raise DataError(
                         f"task {name!r}: neither {_base(by_name[name].dataset_id)!r} nor its "
                         f"fallback is among {sorted(folders)}"
                     )
@@ -290,7 +278,7 @@ def _load_task_from_hub(task: VidoreTask) -> BeirDataset:
 
     try:
         return load_hub(task.dataset_id, task.name, task.languages)
-    except EvalDataError as error:
+    except DataError as error:
         if task.fallback_id is None or not isinstance(error.__cause__, RepositoryNotFoundError):
             raise
         return load_hub(task.fallback_id, task.name, task.languages)
@@ -298,62 +286,61 @@ def _load_task_from_hub(task: VidoreTask) -> BeirDataset:
 
 def _unknown(name: str, by_name: dict, folders: dict | None = None):
     allowed = sorted(by_name) + sorted(folders or {})
-    raise EvalDataError(f"unknown ViDoRe task {name!r}; allowed: {allowed}")
+    raise DataError(f"unknown ViDoRe task {name!r}; allowed: {allowed}")
 
 
 # ---------------------------------------------------------------------------------------- scoring
-def _open(ref: Any) -> Any:
-    if ref is None:
-        return None
-    if isinstance(ref, bytes):
-        from PIL import Image
+class VidoreFamily(TaskFamily):
+    """Every query against the whole corpus; trec_eval measures over graded qrels, means over queries."""
 
-        with Image.open(io.BytesIO(ref)) as image:
-            image.load()
-            return image.copy()
-    return ref
+    benchmark = "vidore"
+    main_metric = MAIN_METRIC
+    measures = MEASURES
+    encode_chunk = 256  # pages from parquet are encoded bytes: decode a chunk at a time
 
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
 
-def encode_items(encode: Callable, items: Sequence[dict], batch_size: int, chunk: int = 256) -> torch.Tensor:
-    """Encode items once, ``chunk`` at a time, so encoded image bytes are decoded only when needed."""
-    parts = []
-    for start in range(0, len(items), chunk):
-        batch = [{"text": i["text"], "image": _open(i["image"])} for i in items[start : start + chunk]]
-        parts.append(encode(batch, batch_size=batch_size))
-    return torch.cat(parts)
+    def items(self, task: BeirDataset) -> tuple[list[dict], list[dict]]:
+        return task.query_items, task.corpus_items
 
+    def score(self, task: BeirDataset, queries: torch.Tensor, pages: torch.Tensor, budgets: Sequence[Budget]) -> dict:
+        device = self.device or pages.device
+        pages, queries = pages.to(device), queries.to(device)
+        values = {}
+        for budget in budgets:
+            scores = maxsim(queries, pages, budget).double().cpu().numpy()
+            if np.isnan(scores).any():
+                raise DataError(f"{task.name}: the encoder produced NaN scores")
+            per_query = evaluate_dense(scores, task.query_ids, task.corpus_ids, task.qrels, MEASURES)
+            values[str(budget)] = mean_over_queries(per_query, MEASURES)
+        return {"values": values, "dim": int(pages.shape[2])}
 
-def score_task(
-    encoder: Any,
-    dataset: BeirDataset,
-    budgets: Sequence[Budget],
-    *,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[dict[str, dict[str, float]], int]:
-    """Mean measures per budget (``{budget: {metric: value}}``) and the embedding dimension."""
-    if progress:
-        progress(f"{dataset.name}: encoding {len(dataset.corpus_ids)} pages and {len(dataset.query_ids)} queries once")
-    pages = encode_items(encoder.encode_candidates, dataset.corpus_items, batch_size)
-    pages = check_encoded(pages, len(dataset.corpus_ids), "candidate", budgets)
-    queries = encode_items(encoder.encode_queries, dataset.query_items, batch_size)
-    queries = check_encoded(queries, len(dataset.query_ids), "query", budgets)
-    if queries.shape[2] != pages.shape[2]:
-        raise EvalDataError(f"query vectors have D = {queries.shape[2]} but page vectors D = {pages.shape[2]}")
-    if device is None:
-        device = getattr(encoder, "device", None)
-        device = device if isinstance(device, torch.device) else pages.device
-    pages, queries = pages.to(device), queries.to(device)
-    out = {}
-    for budget in budgets:
-        scores = maxsim(queries, pages, budget).double().cpu().numpy()
-        if np.isnan(scores).any():
-            raise EvalDataError(f"{dataset.name}: the encoder produced NaN scores")
-        per_query = evaluate_dense(scores, dataset.query_ids, dataset.corpus_ids, dataset.qrels, MEASURES)
-        means = mean_over_queries(per_query, MEASURES)
-        out[str(budget)] = {name.replace("@", "_at_"): value for name, value in means.items()}
-    return out, int(pages.shape[2])
+    def summarize(self, task: BeirDataset, payload: dict, budgets: Sequence[Budget]) -> TaskSummary:
+        known = {t.name: t for t in V2_TASKS}.get(task.name)
+        described = dict(
+            name=task.name, id=task.source, revision=task.revision,
+            title=known.title if known else task.name, group=known.group if known else "other",
+            languages=list(known.languages) if known and known.languages else None,
+            num_queries=len(task.query_ids), num_candidates=len(task.corpus_ids),
+            skipped_queries=task.skipped_queries,
+        )  # fmt: skip
+        n_queries, n_pages = len(task.query_ids), len(task.corpus_ids)
+        encodes = {
+            "query_encodes": n_queries,
+            "candidate_encodes": n_pages,
+            "naive_query_encodes": n_queries * len(budgets),
+            "naive_candidate_encodes": n_pages * len(budgets),
+        }
+        return TaskSummary(payload["values"], int(payload["dim"]), described, encodes)
+
+    def groups(self, described: Sequence[dict]) -> dict[str, list[str]]:
+        membership = {"overall": [d["name"] for d in described]}
+        for group in ("english", "multilingual"):
+            members = [d["name"] for d in described if d["group"] == group]
+            if members:
+                membership[group] = members
+        return membership
 
 
 def evaluate_vidore(
@@ -371,63 +358,6 @@ def evaluate_vidore(
 
     ``resume_dir``: finished tasks are saved there and reused by a rerun with the same model, budgets, data.
     """
-    chosen = select_budgets(encoder, budgets)
-    model_info = describe_model(encoder, model_name)
-    store = ResumeStore(resume_dir, "vidore", model_info, [str(b) for b in chosen]) if resume_dir else None
-    names = [d.name for d in datasets]
-    if len(set(names)) != len(names):
-        raise EvalDataError(f"task names repeat: {names}")
-    by_name = {t.name: t for t in V2_TASKS}
-    per_task, scores, described, dim = {}, [], [], 0
-    encodes = {"query_encodes": 0, "candidate_encodes": 0, "naive_query_encodes": 0, "naive_candidate_encodes": 0}
-    for dataset in datasets:
-        stored = store.load(dataset.name, dataset.source, dataset.revision) if store else None
-        if stored is not None:
-            values, dim = stored["values"], stored["dim"]
-            if progress:
-                progress(f"{dataset.name}: reusing the stored result from {store.directory}")
-        else:
-            values, dim = score_task(encoder, dataset, chosen, batch_size=batch_size, device=device, progress=progress)
-            if store:
-                store.save(dataset.name, dataset.source, dataset.revision, {"values": values, "dim": dim})
-        per_task[dataset.name] = values
-        for budget, metrics in values.items():
-            for metric, value in metrics.items():
-                scores.append(dict(task=dataset.name, budget=budget, metric=metric, value=value))
-        task = by_name.get(dataset.name)
-        described.append(dict(
-            name=dataset.name, id=dataset.source, revision=dataset.revision,
-            title=task.title if task else dataset.name, group=task.group if task else "other",
-            languages=list(task.languages) if task and task.languages else None,
-            num_queries=len(dataset.query_ids), num_candidates=len(dataset.corpus_ids),
-            skipped_queries=dataset.skipped_queries,
-        ))  # fmt: skip
-        encodes["query_encodes"] += len(dataset.query_ids)
-        encodes["candidate_encodes"] += len(dataset.corpus_ids)
-        encodes["naive_query_encodes"] += len(dataset.query_ids) * len(chosen)
-        encodes["naive_candidate_encodes"] += len(dataset.corpus_ids) * len(chosen)
-    budget_names = [str(b) for b in chosen]
-    membership = {"overall": list(per_task)}
-    for group in ("english", "multilingual"):
-        members = [d["name"] for d in described if d["group"] == group]
-        if members:
-            membership[group] = members
-    groups = [
-        dict(group=group, budget=budget, metric=metric.replace("@", "_at_"),
-             value=mean([per_task[m][budget][metric.replace("@", "_at_")] for m in members]),
-             num_tasks=len(members))
-        for group, members in membership.items()
-        for budget in budget_names
-        for metric in MEASURES
-    ]  # fmt: skip
-    return EvalResult(
-        benchmark="vidore",
-        model=model_info,
-        main_metric=MAIN_METRIC,
-        budgets=budget_names,
-        embedding_dim=dim,
-        datasets=described,
-        scores=scores,
-        groups=groups,
-        encodes=encodes,
-    )
+    family = VidoreFamily(scoring_device(encoder, device))
+    return run(family, encoder, datasets, budgets, batch_size=batch_size, model_name=model_name,
+               progress=progress, resume_dir=resume_dir)  # fmt: skip
