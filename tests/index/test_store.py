@@ -94,7 +94,7 @@ def test_upsert_delete_compact_and_reopen(tmp_path):
 def test_budget_reads_only_its_groups(tmp_path):
     with create_index(tmp_path / "ix", 8, 64, dtype="bf16") as ix:
         ix.add(["x", "y"], embeddings(2, d=8))
-        groups, _ = ix._groups_for(ix.segments[0], Budget(1, 4), slice(None))
+        groups, _ = ix.segments[0].read(Budget(1, 4), slice(None))
         assert [g.shape[1] for g in groups] == [1, 3]
         stats = ix.stats()
     assert stats["bytes_per_budget"] == {"1x1": 32, "2x4": 128, "4x8": 256, "8x16": 512, "16x64": 2048}
