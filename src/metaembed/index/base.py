@@ -39,7 +39,6 @@ class IndexStoreError(MetaEmbedError):
     """Base class of every error an index raises (``except IndexStoreError`` catches them all)."""
 
 
-IndexError_ = IndexStoreError  # its former name, still importable by code written against it
 
 
 class IndexFormatError(IndexStoreError, ValueError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -37,9 +36,8 @@ def search_router(service: Service) -> APIRouter:
         encoded = service.encode(service.parse_items([body.query], "query"), "query")
         encoded_at = time.perf_counter()
         queries = encoded.embeddings[:, : budget.r_q]
-        # Two-stage search builds / extends the in-memory ANN graph on demand: one at a time.
-        two_stage_lock = service.two_stage_lock if body.two_stage else contextlib.nullcontext()
-        with service.index_lock.read(), two_stage_lock:
+        # The index serialises its own ANN graph's growth; the read lock only keeps writes out.
+        with service.index_lock.read():
             found, results = _search(store, queries, auto or budget, body.k, body.two_stage)
         done = time.perf_counter()
         read = results.bytes_read[0] if auto else search_bytes(store, budget, two_stage=body.two_stage, k=body.k)

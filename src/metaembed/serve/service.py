@@ -7,7 +7,6 @@ The routers (:mod:`~metaembed.serve.embeddings`, :mod:`~metaembed.serve.search`,
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +44,6 @@ class Service:
             on_batch=metrics.observe_batch,
         )
         self.index_lock = RWLock()
-        self.two_stage_lock = threading.Lock()
         # The item count /health reports, kept here so /health never touches the index (a read-only index's count
         # reloads its manifest, a Qdrant count is a network call): set by every write, recounted in the background.
         self.index_size: int | None = None
