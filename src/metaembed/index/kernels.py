@@ -6,9 +6,10 @@ the groups that hold its first ``r_c`` vectors. int8 groups carry a per-vector f
 
 Scoring runs on :func:`metaembed.scoring.score_blocks`: per chunk of items, one GEMM per group into a reused
 buffer, the max over the group's vectors in place, a running best across groups, the sum over query vectors
-straight into the output. bf16 groups stay bf16 (the CPU's bf16 dot-product units; scores carry bf16 rounding);
-int8 groups are widened to fp32 inside a cache-resident buffer and their scales applied to the similarities,
-so int8 scores equal the dequantised fp32 reference.
+straight into the output. bf16 groups on an AVX512-BF16 CPU go to the fused kernel instead (bf16 products, fp32
+accumulation, batch-independent; :mod:`metaembed.fused`); int8 groups are widened to fp32 inside a
+cache-resident buffer and their scales applied to the similarities, so int8 scores equal the dequantised fp32
+reference.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The planner's inputs: quality from ``metaembed eval`` result files and scoring cost from ``metaembed bench
 scoring`` rows (or measured now), each keyed by the setting it measured.
 
-Quality measured with fp32 scores counts as measured for fp32 and bf16 storage (bf16 rounds each dot product
-by ~2⁻⁹ relative; the test-split check in docs/planner.md finds the same precision@1); for int8 and
+Quality measured with fp32 scores counts as measured for fp32 and bf16 storage (bf16 storage rounds each stored
+value by ~2⁻⁹ relative, products accumulate in fp32; the test-split check in docs/planner.md finds the same
+precision@1); for int8 and
 two-stage it is an *assumption* (marked, and not recommended unless allowed) until a result for that
 storage or mode is given.
 """
