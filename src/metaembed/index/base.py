@@ -39,8 +39,6 @@ class IndexStoreError(MetaEmbedError):
     """Base class of every error an index raises (``except IndexStoreError`` catches them all)."""
 
 
-
-
 class IndexFormatError(IndexStoreError, ValueError):
     """A path that is not a metaembed index, or whose files are truncated, corrupt or of an unknown version."""
 
