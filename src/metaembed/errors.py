@@ -28,6 +28,10 @@ class CheckpointError(MetaEmbedError, FileNotFoundError):
     """A checkpoint directory that is missing, incomplete or not a metaembed checkpoint."""
 
 
+class EvalError(MetaEmbedError, ValueError):
+    """The evaluation room's root: a measure or ranking that does not fit, a result file that cannot be read."""
+
+
 class DataError(MetaEmbedError, ValueError):
     """Data that cannot be read or built: a missing source, a bad spec, a record that breaks its schema.
 

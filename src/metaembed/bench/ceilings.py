@@ -29,7 +29,11 @@ import torch
 from metaembed.errors import MetaEmbedError
 
 
-class CeilingError(MetaEmbedError, ValueError):
+class BenchError(MetaEmbedError, ValueError):
+    """The bench room's root: a benchmark that cannot run as asked (too large for memory, bad sizes, unknown device)."""
+
+
+class CeilingError(BenchError):
     """A ceiling that cannot be measured or looked up (unknown dtype, unusable device)."""
 
 

@@ -28,18 +28,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from metaembed.bench.ceilings import CeilingError, Ceilings, bytes_per_value, dtype_name, measure
+from metaembed.bench.ceilings import BenchError, CeilingError, Ceilings, bytes_per_value, dtype_name, measure
 from metaembed.budget import Budget
-from metaembed.errors import MetaEmbedError
 
 MAX_QUERIES = 1000
 """The paper's scoring batch (Table 3); the time-budgeted default never exceeds it."""
 GROUP_BOUNDS = (0, 1, 4, 8, 16, 64)
 """The index's default prefix groups: a budget r_c reads groups up to r_c."""
-
-
-class BenchError(MetaEmbedError, ValueError):
-    """A benchmark that cannot run as asked (too large for memory, bad sizes, unknown device)."""
 
 
 @dataclass

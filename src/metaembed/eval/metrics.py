@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from metaembed.errors import MetaEmbedError
+from metaembed.errors import EvalError
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
@@ -36,7 +36,7 @@ Qrels = Mapping[str, Mapping[str, int]]
 _MEASURE = re.compile(r"^(ndcg|recall|precision|hit)(?:_at_|@)(\d+)$|^(mrr)$")
 
 
-class MetricError(MetaEmbedError, ValueError):
+class MetricError(EvalError):
     """A measure name that cannot be parsed, or rankings and qrels that do not fit together."""
 
 

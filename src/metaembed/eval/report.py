@@ -18,12 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from metaembed.budget import Budget
-from metaembed.errors import MetaEmbedError
+from metaembed.errors import EvalError
 
 SCHEMA_VERSION = 1
 
 
-class ReportError(MetaEmbedError, ValueError):
+class ReportError(EvalError):
     """A result file that is missing, unreadable or not a metaembed evaluation result."""
 
 

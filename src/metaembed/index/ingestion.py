@@ -30,12 +30,13 @@ from typing import Any
 import torch
 
 from metaembed.errors import InputError, MetaEmbedError
+from metaembed.index.base import IndexStoreError
 from metaembed.index.files import DEFAULT_LIMITS, BadItem, BadItemError, FileItem, Limits, discover, load
 
 SHARD_FORMAT = "metaembed-ingest-shard"
 
 
-class IngestError(MetaEmbedError, ValueError):
+class IngestError(IndexStoreError, ValueError):
     """An ingest that cannot go on: a bad item under ``strict=True``, or a shard another rank did not write."""
 
 

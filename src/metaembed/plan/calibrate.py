@@ -19,15 +19,15 @@ import torch
 
 from metaembed.auto_budget import AutoBudget, levels
 from metaembed.budget import Budget
-from metaembed.errors import MetaEmbedError
 from metaembed.plan.encoded import EncodedTask
+from metaembed.plan.measurements import PlanError
 
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "int8": 1}
 DEFAULT_CHEAP = (Budget(1, 1), Budget(2, 4))
 DEFAULT_TOP_M = (4, 8, 16, 32)
 
 
-class CalibrationError(MetaEmbedError, ValueError):
+class CalibrationError(PlanError):
     """A calibration that cannot run (no queries, a target no threshold meets, bad options)."""
 
 
