@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from metaembed.eval.report import write_json_atomic
 from metaembed.index import create_index
 from metaembed.index.merge import MergePolicy
 
@@ -131,8 +132,7 @@ def main() -> None:
         f"{result['segments']} segments; load {load_before[0]:.1f} -> {result['load_average_after'][0]:.1f}"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json_atomic(args.json, result)
 
 
 if __name__ == "__main__":

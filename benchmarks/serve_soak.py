@@ -297,11 +297,12 @@ def main() -> None:
         workdir = Path(directory)
         model = args.model or make_checkpoint(workdir)
         report = run_soak(model, workdir, args.clients, args.seconds)
-    print(json.dumps({key: value for key, value in report.items() if key != "server_log_tail"}, indent=1))
-    if args.json:  # the server log's tail stays out: it is for a failing test's message, not the record
+    # the server log's tail stays out: it is for a failing test's message, not the record
+    record = json.dumps({key: value for key, value in report.items() if key != "server_log_tail"}, indent=1)
+    print(record)
+    if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        stored = {key: value for key, value in report.items() if key != "server_log_tail"}
-        args.json.write_text(json.dumps(stored, indent=1) + "\n")
+        args.json.write_text(record + "\n")
 
 
 if __name__ == "__main__":
