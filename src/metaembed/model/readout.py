@@ -71,16 +71,14 @@ class SlotReadout(nn.Module):
         logits = self.query(meta) @ self.key(content).transpose(1, 2) / math.sqrt(meta.shape[-1])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         valid = mask[:, None, :].to(torch.bool)
-        over_tokens = logits.masked_fill(~valid, torch.finfo(logits.dtype).min).softmax(2)
-        weights = torch.cat(
-            [
-                over_tokens[:, group.start : group.stop]
-                if len(group) == 1 and self.lone == "attention"
-                else logits[:, group.start : group.stop].softmax(1)
-                for group in groups
-            ],
-            dim=1,
-        )
+        parts = []
+        for group in groups:
+            share = logits[:, group.start : group.stop]
+            if len(group) == 1 and self.lone == "attention":  # alone: a softmax over the valid tokens instead
+                parts.append(share.masked_fill(~valid, torch.finfo(share.dtype).min).softmax(2))
+            else:
+                parts.append(share.softmax(1))
+        weights = torch.cat(parts, dim=1)
         return weights * valid.to(weights.dtype)
 
     def forward(
