@@ -39,6 +39,10 @@ class AutoBudgetError(BudgetError):
     """An auto-budget policy that is invalid, unreadable, or absent where ``budget="auto"`` needs one."""
 
 
+class PolicyMissingError(AutoBudgetError):
+    """``budget="auto"`` was asked for where no policy is stored (the others: a policy that is there but bad)."""
+
+
 def is_auto(budget: object) -> bool:
     """True for the string ``"auto"`` (any case) and for an :class:`AutoBudget`."""
     return isinstance(budget, AutoBudget) or (isinstance(budget, str) and budget.strip().lower() == AUTO)
@@ -146,7 +150,7 @@ class AutoBudget:
         if source.is_dir():
             source = source / POLICY_FILE
         if not source.is_file():
-            raise AutoBudgetError(
+            raise PolicyMissingError(
                 f"no auto-budget policy at {source}; calibrate one with `metaembed plan calibrate --save-to DIR`"
             )
         try:
@@ -155,15 +159,22 @@ class AutoBudget:
             raise AutoBudgetError(f"cannot read the auto-budget policy {source}: {error}") from None
         return cls.from_dict(data, str(source))
 
+    @staticmethod
+    def locate(*directories: str | os.PathLike[str] | None) -> Path | None:
+        """The policy file of the first of ``directories`` (an index, then a model folder) that has one."""
+        for directory in directories:
+            if directory is not None and (Path(directory) / POLICY_FILE).is_file():
+                return Path(directory) / POLICY_FILE
+        return None
+
     @classmethod
     def find(cls, *directories: str | os.PathLike[str] | None) -> AutoBudget:
         """The policy stored in the first of ``directories`` (an index, then a model folder) that has one."""
-        searched = [Path(d) for d in directories if d is not None]
-        for directory in searched:
-            if (directory / POLICY_FILE).is_file():
-                return cls.load(directory)
-        where = ", ".join(str(d) for d in searched) or "nowhere (no index or model folder known)"
-        raise AutoBudgetError(
+        found = cls.locate(*directories)
+        if found is not None:
+            return cls.load(found)
+        where = ", ".join(str(d) for d in directories if d is not None) or "nowhere (no index or model folder known)"
+        raise PolicyMissingError(
             f'budget "auto" needs a calibrated policy ({POLICY_FILE}); none in {where}. Run `metaembed plan '
             "calibrate --save-to INDEX_OR_MODEL_DIR`, or pass an AutoBudget"
         )

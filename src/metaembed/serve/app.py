@@ -9,6 +9,7 @@ Errors use OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``
 
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -27,17 +28,24 @@ from metaembed.serve.writes import writes_router
 
 
 def create_app(
-    model, index=None, config: ServeConfig | None = None, *, quality: dict[str, dict[str, float]] | None = None
+    model,
+    index=None,
+    config: ServeConfig | None = None,
+    *,
+    quality: dict[str, dict[str, float]] | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``model`` (a MetaEmbedModel) and ``index`` (an index, or ``None`` for none).
 
     The app owns an encode worker thread, started now and stopped when the app shuts down. ``quality`` (the
     model card's table, :func:`metaembed.model.card.read_quality`) is shown per budget on the search page.
+    ``model_dir`` (the folder the model was loaded from) is where ``budget: "auto"`` finds its policy when the
+    index has none beside it.
     """
     config = config or ServeConfig()
     model.eval()
     metrics = Metrics()
-    service = Service(model, index, config, metrics)
+    service = Service(model, index, config, metrics, model_dir=model_dir)
     metrics.queue_depth.set_function(lambda: service.batcher.depth)
     if index is not None:
         metrics.index_items.set_function(lambda: len(index))
@@ -80,7 +88,14 @@ def create_app(
     for router in (embeddings_router, search_router, writes_router, health_router):
         app.include_router(router(service))
     app.include_router(
-        page_router(index, config, n_query=service.n_query, n_candidate=service.n_candidate, quality=quality or {})
+        page_router(
+            index,
+            config,
+            n_query=service.n_query,
+            n_candidate=service.n_candidate,
+            quality=quality or {},
+            auto_policy=service.auto_policy_or_none,
+        )
     )
     return app
 

@@ -75,6 +75,7 @@ def build(args: argparse.Namespace):
     from metaembed.index.ingestion import open_for_model
     from metaembed.model import MetaEmbedModel
     from metaembed.model.card import read_quality
+    from metaembed.model.loading import resolve_checkpoint
     from metaembed.serve.app import create_app
     from metaembed.serve.security import load_api_key
 
@@ -90,11 +91,13 @@ def build(args: argparse.Namespace):
         raise InputError("--read-only applies to an index: give --index PATH")
     # the limits are checked before the model loads and before an index directory is created
     config = server_config(args, load_api_key(args.api_key_file))
-    model = MetaEmbedModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    model_dir = resolve_checkpoint(args.model)
+    model = MetaEmbedModel.from_pretrained(model_dir, torch_dtype=args.dtype, device=args.device)
     index = None
     if args.index:
         index = open_for_model(args.index, model, dtype=args.index_dtype, read_only=args.read_only)
-    return create_app(model, index, config, quality=read_quality(args.model))  # the page shows it per budget
+    # the page shows the model card's quality per budget; budget "auto" falls back to the model folder's policy
+    return create_app(model, index, config, quality=read_quality(model_dir), model_dir=model_dir)
 
 
 def server_config(args: argparse.Namespace, api_key: str | None):

@@ -64,6 +64,13 @@ class OverloadedError(RequestError):
     error_type = "overloaded"
 
 
+class PolicyUnavailableError(RequestError):
+    """The server's stored auto-budget policy exists but cannot be read or does not fit its model."""
+
+    status = 503
+    error_type = "policy_unavailable"
+
+
 class EncodeTimeoutError(RequestError):
     status = 504
     error_type = "timeout"

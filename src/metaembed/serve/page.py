@@ -11,6 +11,7 @@ path, symlinks resolved, size and pixel limits) as an image path in a request, s
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 
+from metaembed.auto_budget import AutoBudget
 from metaembed.budget import Budget
 from metaembed.serve.config import ServeConfig
 from metaembed.serve.errors import NotFoundError, PermissionDeniedError
@@ -35,6 +37,16 @@ class BudgetInfo(BaseModel):
     quality: dict[str, float] = Field(default_factory=dict, description="the model card's measured quality")
 
 
+class AutoPolicy(BaseModel):
+    """The ``auto`` policy a search with ``budget: "auto"`` would use."""
+
+    cheap: str
+    ceiling: str
+    steps: list[str] = Field(..., description="the budgets a query may visit, cheap first")
+    threshold: float | None = Field(..., description="normalised margin below which a query escalates (null = inf)")
+    top_m: int
+
+
 class BudgetsResponse(BaseModel):
     object: str = "budgets"
     budgets: list[BudgetInfo]
@@ -42,12 +54,21 @@ class BudgetsResponse(BaseModel):
     model: str
     index_size: int | None
     thumbnails: bool = Field(..., description="whether /v1/thumbnail can serve images (needs --image-dir)")
+    auto: AutoPolicy | None = Field(None, description="the policy of budget 'auto'; null where the server has none")
 
 
 def page_router(
-    index: Any, config: ServeConfig, *, n_query: int, n_candidate: int, quality: dict[str, dict[str, float]]
+    index: Any,
+    config: ServeConfig,
+    *,
+    n_query: int,
+    n_candidate: int,
+    quality: dict[str, dict[str, float]],
+    auto_policy: Callable[[], AutoBudget | None] = lambda: None,
 ) -> APIRouter:
-    """Routes of the page: ``/``, ``/static/*``, ``/v1/budgets`` and ``/v1/thumbnail``."""
+    """Routes of the page: ``/``, ``/static/*``, ``/v1/budgets`` and ``/v1/thumbnail``.
+
+    ``auto_policy()`` is the policy ``budget: "auto"`` would use now (or None): the page offers auto only then."""
     router = APIRouter()
     shipped = {path.name: path for path in STATIC.iterdir() if path.suffix in MEDIA_TYPES}
     vectors = n_candidate if index is None else min(n_candidate, index.num_vectors)
@@ -68,6 +89,7 @@ def page_router(
         """The ladder budgets this server can search at, the index bytes each reads and the model card's quality."""
         from metaembed.index.cost import search_bytes
 
+        policy = auto_policy()
         return BudgetsResponse(
             budgets=[
                 BudgetInfo(
@@ -81,6 +103,7 @@ def page_router(
             model=config.model_name,
             index_size=None if index is None else len(index),
             thumbnails=index is not None and config.image_dir is not None,
+            auto=None if policy is None else _auto_info(policy),
         )
 
     @router.get(
@@ -111,3 +134,13 @@ def page_router(
         return Response(buffer.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     return router
+
+
+def _auto_info(policy: AutoBudget) -> AutoPolicy:
+    return AutoPolicy(
+        cheap=str(policy.cheap),
+        ceiling=str(policy.ceiling),
+        steps=[str(b) for b in policy.steps()],
+        threshold=policy.threshold if policy.threshold != float("inf") else None,
+        top_m=policy.top_m,
+    )

@@ -9,7 +9,6 @@ from fastapi import APIRouter
 
 from metaembed.auto_budget import AutoBudget, is_auto
 from metaembed.budget import Budget
-from metaembed.index.adaptive import resolve_policy
 from metaembed.index.cost import search_bytes
 from metaembed.serve import schemas
 from metaembed.serve.checks import search_budget
@@ -29,8 +28,8 @@ def search_router(service: Service) -> APIRouter:
         start = time.perf_counter()
         store = service.require_index()
         shape = service.n_query, service.n_candidate
-        auto = resolve_policy(store, body.budget) if is_auto(body.budget) else None
-        budget = auto.validate(*shape).ceiling if auto else search_budget(body.budget, *shape)
+        auto = service.auto_policy() if is_auto(body.budget) else None  # beside the index, else with the model
+        budget = auto.ceiling if auto else search_budget(body.budget, *shape)
         if body.k > config.max_k:
             raise BadRequestError(f"k={body.k}: at most {config.max_k}", "k")
         encoded = service.encode(service.parse_items([body.query], "query"), "query")

@@ -7,16 +7,27 @@ The routers (:mod:`~metaembed.serve.embeddings`, :mod:`~metaembed.serve.search`,
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from metaembed.auto_budget import POLICY_FILE, AutoBudget
+from metaembed.errors import BudgetError
 from metaembed.model.items import Item
 from metaembed.serve import schemas
 from metaembed.serve.batcher import EncodeBatcher, Encoded
 from metaembed.serve.config import ServeConfig
-from metaembed.serve.errors import EncodeTimeoutError, NotFoundError, PayloadTooLargeError, PermissionDeniedError
+from metaembed.serve.errors import (
+    BadRequestError,
+    EncodeTimeoutError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    PolicyUnavailableError,
+)
 from metaembed.serve.inputs import to_item
 from metaembed.serve.metrics import Metrics
 from metaembed.serve.rwlock import RWLock
@@ -29,8 +40,13 @@ COUNT_EVERY_S = 1.0  # /health recounts the index in the background at most this
 class Service:
     """The state behind the routes of one app, and the steps several routes take."""
 
-    def __init__(self, model, index, config: ServeConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, model, index, config: ServeConfig, metrics: Metrics, model_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         self.config, self.index, self.metrics = config, index, metrics
+        self.model_dir = model_dir
+        self._policy: tuple[tuple, AutoBudget] | None = None  # (the file's path, inode, mtime and size; its policy)
+        self._policy_lock = threading.Lock()
         self.n_query, self.n_candidate = model.num_vectors("query"), model.num_vectors("candidate")
         self.dim = model.embedding_dim
         self.batcher = EncodeBatcher(
@@ -94,6 +110,46 @@ class Service:
         if getattr(store, "read_only", False):
             raise PermissionDeniedError("index writes are disabled: this server serves its index read-only")
         return store
+
+    def auto_policy(self) -> AutoBudget:
+        """The ``auto`` policy: the one stored beside the index, else in the model folder (as ``metaembed search``).
+
+        Looked up per request, so a policy calibrated into the index while the server runs is used from the next
+        search on; the file is parsed again only when it changed. Errors name no server path: a missing policy is
+        the client's 400, a broken one the server's 503 (the path goes to the log).
+        """
+        store = self.require_index()
+        if getattr(store, "backend", None) != "embedded":
+            raise BadRequestError(
+                'budget "auto" runs on the embedded index; this server uses another backend', "budget"
+            )
+        found = AutoBudget.locate(store.path, self.model_dir)
+        if found is None:
+            raise BadRequestError(
+                f'budget "auto" needs a calibrated policy ({POLICY_FILE}) beside the index or the model, and this '
+                "server has none; its operator can make one with `metaembed plan calibrate --save-to "
+                "INDEX_OR_MODEL_DIR`, or search at a fixed budget such as 4x8",
+                "budget",
+            )
+        try:
+            stat = found.stat()
+            key = (str(found), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            with self._policy_lock:
+                if self._policy is None or self._policy[0] != key:
+                    self._policy = key, AutoBudget.load(found).validate(self.n_query, self.n_candidate)
+                return self._policy[1]
+        except (OSError, BudgetError) as error:
+            log.error("the auto-budget policy %s cannot be used: %s", found, error)
+            raise PolicyUnavailableError(
+                "the server's auto-budget policy cannot be used (the server log says why); search at a fixed budget"
+            ) from None
+
+    def auto_policy_or_none(self) -> AutoBudget | None:
+        """The ``auto`` policy, or None where there is none to use (for what the page offers)."""
+        try:
+            return self.auto_policy()
+        except (BadRequestError, NotFoundError, PolicyUnavailableError):
+            return None
 
     @property
     def writes_enabled(self) -> bool:
