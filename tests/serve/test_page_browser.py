@@ -94,3 +94,57 @@ def test_query_slider_and_image_search_in_chromium(served, tmp_path):
         assert driver.save_screenshot(str(shot))
         with Image.open(shot) as picture:
             assert picture.size[0] >= 1000 and len(picture.getcolors(1 << 20) or []) > 50  # a rendered page
+
+
+def format_bytes(n: int) -> str:
+    """What the page's formatBytes shows for ``n`` bytes."""
+    value, unit = float(n), 0
+    while value >= 1024 and unit < 4:
+        value, unit = value / 1024, unit + 1
+    return f"{n} B" if unit == 0 else f"{value:.{2 if value < 10 else 1}f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"
+
+
+def test_auto_budget_in_chromium(served, tmp_path):
+    import httpx
+    from selenium.webdriver.common.keys import Keys
+
+    from metaembed import Budget
+    from metaembed.auto_budget import POLICY_FILE, AutoBudget
+
+    url, _ = served
+    index_path = tmp_path / "ix"
+    with chromium() as driver:
+        driver.get(url + "/")
+        wait_for(driver, lambda d: text_of(d, "budget-label") == "4x8", what="the budget ladder")
+        assert not driver.find_element("id", "auto-choice").is_displayed()  # no policy: no auto to offer
+
+        AutoBudget(float("inf"), cheap=Budget(2, 4), top_m=100).save(index_path)  # always climbs to 16x64
+        driver.refresh()
+        wait_for(driver, lambda d: d.find_element("id", "auto-choice").is_displayed(), what="the auto choice")
+        driver.find_element("id", "query").send_keys("a red shape", Keys.ENTER)
+        wait_for(driver, lambda d: searches(d) == 1, what="the first search")
+        assert not driver.find_element("id", "auto-stat").is_displayed()
+
+        driver.find_element("id", "auto").click()
+        wait_for(driver, lambda d: searches(d) == 2, what="the search at auto")
+        stats = driver.find_element("id", "stats")
+        assert stats.get_attribute("data-auto") == "yes" and stats.get_attribute("data-budget") == "16x64"
+        assert text_of(driver, "budget-label") == "auto" and not driver.find_element("id", "budget").is_enabled()
+        assert "2x4 first, up to 16x64" in text_of(driver, "budget-note")
+        assert text_of(driver, "auto-budget") == "16x64" and "3 escalations from 2x4" in text_of(driver, "auto-stat")
+        answer = httpx.post(f"{url}/v1/search", json={"query": "a red shape", "budget": "auto", "k": 12}).json()
+        assert answer["budget"] == "16x64" and answer["auto"]["escalations"] == 3
+        assert text_of(driver, "bytes-read") == format_bytes(answer["index_bytes_read"])
+        shown = [hit.get_attribute("data-id") for hit in driver.find_elements("css selector", "#results .hit")]
+        assert shown == [hit["id"] for hit in answer["results"]]
+
+        AutoBudget(0.0, cheap=Budget(2, 4)).save(index_path)  # never escalates: the page shows where it stopped
+        driver.find_element("id", "search").click()
+        wait_for(driver, lambda d: searches(d) == 3, what="the search with the new policy")
+        assert text_of(driver, "auto-budget") == "2x4" and "the cheap budget was sure" in text_of(driver, "auto-stat")
+
+        driver.find_element("id", "auto").click()  # back to the slider's budget
+        wait_for(driver, lambda d: searches(d) == 4, what="the search at the slider's budget")
+        assert stats.get_attribute("data-auto") == "no" and stats.get_attribute("data-budget") == "4x8"
+        assert not driver.find_element("id", "auto-stat").is_displayed() and text_of(driver, "error") == ""
+    (index_path / POLICY_FILE).unlink()

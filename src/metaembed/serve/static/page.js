@@ -1,11 +1,12 @@
-// The search page: a query (words and/or an image), a budget slider over the ladder, results as a grid.
+// The search page: a query (words and/or an image), a budget slider over the ladder (or "auto", where the
+// server has a calibrated policy: each search then says the budget it ended at), results as a grid.
 // It only calls the service's public JSON API: GET v1/budgets once, POST v1/search per search, and
 // v1/thumbnail for images. Paths are relative so the page also works behind a proxy prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const MAX_IMAGE_SIDE = 1024; // larger images are scaled down here: the server's request limits stay far away
-const state = { budgets: [], thumbnails: false, image: null, ticket: 0, searches: 0, timer: null };
+const state = { budgets: [], auto: null, thumbnails: false, image: null, ticket: 0, searches: 0, timer: null };
 
 function formatBytes(n) {
   if (n === null || n === undefined) return "–";
@@ -42,7 +43,19 @@ function currentBudget() {
   return state.budgets[Number($("budget").value)];
 }
 
+function autoOn() {
+  return state.auto !== null && $("auto").checked;
+}
+
 function showBudget() {
+  $("budget").disabled = autoOn();
+  if (autoOn()) {
+    const steps = state.auto.steps;
+    $("budget-label").textContent = "auto";
+    $("budget-note").textContent = `${steps[0]} first, up to ${steps[steps.length - 1]} when the ranking is unsure`;
+    $("quality").textContent = "";
+    return;
+  }
   const info = currentBudget();
   if (!info) return;
   $("budget-label").textContent = info.budget;
@@ -63,7 +76,7 @@ async function search() {
   if (query === null) return;
   const body = {
     query,
-    budget: currentBudget().budget,
+    budget: autoOn() ? "auto" : currentBudget().budget,
     k: Math.max(1, Number($("k").value) || 12),
     two_stage: $("two-stage").checked,
   };
@@ -96,6 +109,13 @@ function render(result) {
   state.searches += 1;
   $("stats").dataset.searches = String(state.searches);
   $("stats").dataset.budget = result.budget;
+  $("stats").dataset.auto = result.auto ? "yes" : "no";
+  $("auto-stat").hidden = !result.auto;
+  if (result.auto) {
+    const n = result.auto.escalations;
+    $("auto-budget").textContent = result.budget;
+    $("auto-escalations").textContent = n ? `(${n} escalation${n === 1 ? "" : "s"} from ${result.auto.cheap})` : "(the cheap budget was sure)";
+  }
   const grid = $("results");
   grid.replaceChildren();
   result.results.forEach((hit, i) => grid.append(card(hit, i + 1)));
@@ -174,6 +194,8 @@ async function init() {
   const info = await api("v1/budgets");
   state.budgets = info.budgets;
   state.thumbnails = info.thumbnails;
+  state.auto = info.auto || null;
+  $("auto-choice").hidden = state.auto === null;
   $("model").textContent = `model ${info.model}`;
   $("index-size").textContent = info.index_size === null ? "no index" : `${info.index_size.toLocaleString()} items`;
   const slider = $("budget");
@@ -190,6 +212,10 @@ $("search-form").addEventListener("submit", (event) => {
   search();
 });
 $("budget").addEventListener("input", () => {
+  showBudget();
+  searchSoon();
+});
+$("auto").addEventListener("change", () => {
   showBudget();
   searchSoon();
 });
