@@ -114,7 +114,8 @@ function render(result) {
   if (result.auto) {
     const n = result.auto.escalations;
     $("auto-budget").textContent = result.budget;
-    $("auto-escalations").textContent = n ? `(${n} escalation${n === 1 ? "" : "s"} from ${result.auto.cheap})` : "(the cheap budget was sure)";
+    const climbed = `(${n} escalation${n === 1 ? "" : "s"} from ${result.auto.cheap})`;
+    $("auto-escalations").textContent = n ? climbed : "(the cheap budget was sure)";
   }
   const grid = $("results");
   grid.replaceChildren();
