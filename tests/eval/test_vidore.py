@@ -157,3 +157,71 @@ def test_single_beir_folder_and_named_tasks(vidore_data, table_encoder):
     named = resolve_tasks(vidore_data, ["economics", "esg_reports_v2"])
     assert [t.name for t in named] == ["economics", "esg_reports_v2"]
     assert torch.equal(torch.tensor([len(t.query_ids) for t in named]), torch.tensor([3, 6]))
+
+
+def _beir(folder: Path, corpus: str, queries: str, qrels: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
+        (folder / f"{name}.jsonl").write_text(text)
+    return folder
+
+
+GOOD_CORPUS = '{"corpus-id": "p1", "text": "page one"}\n{"corpus-id": "p2", "text": "page two"}\n'
+GOOD_QUERIES = '{"query-id": "q1", "query": "one"}\n'
+GOOD_QRELS = '{"query-id": "q1", "corpus-id": "p1", "score": 2}\n'
+
+
+@pytest.mark.parametrize(
+    ("part", "text", "line", "message"),
+    [
+        ("corpus", GOOD_CORPUS + "\n" + '{"text": "no id"}\n', 4, "needs 'corpus-id'"),
+        ("corpus", GOOD_CORPUS + '{"corpus-id": "p1", "text": "x"}\n', 3, r"'p1' repeats \(first at .*:1\)"),
+        ("corpus", '{"corpus-id": "p1", "image": "pages/missing.png"}\n', 1, "'pages/missing.png' does not exist"),
+        ("corpus", '{"corpus-id": "p1", "image": 7}\n', 1, "'image' must be a path"),
+        ("queries", GOOD_QUERIES + "{broken\n", 2, "invalid JSON"),
+        ("queries", GOOD_QUERIES + '["q2"]\n', 2, "a record must be a JSON object"),
+        ("queries", GOOD_QUERIES + '{"query-id": "q1", "query": "twice"}\n', 2, "query-id 'q1' repeats"),
+        ("qrels", GOOD_QRELS + '{"query-id": "q1", "corpus-id": "p9", "score": 1}\n', 2, "'p9' is not in the corpus"),
+        ("qrels", GOOD_QRELS + '{"query-id": "q1", "corpus-id": "p2"}\n', 2, "needs 'query-id', 'corpus-id', 'score'"),
+        ("qrels", GOOD_QRELS + '{"query-id": "q1", "corpus-id": "p2", "score": "high"}\n', 2, "must be a whole number"),
+        ("qrels", GOOD_QRELS + '{"query-id": "q1", "corpus-id": "p2", "score": 1.5}\n', 2, "must be a whole number"),
+    ],
+)  # fmt: skip
+def test_a_broken_local_dataset_names_its_file_and_line(tmp_path, part, text, line, message):
+    parts = {"corpus": GOOD_CORPUS, "queries": GOOD_QUERIES, "qrels": GOOD_QRELS, part: text}
+    folder = _beir(tmp_path / "broken", parts["corpus"], parts["queries"], parts["qrels"])
+    with pytest.raises(DataError, match=rf"^{folder / part}.jsonl:{line}: .*{message}"):
+        resolve_tasks(folder)
+
+
+def test_a_broken_parquet_part_names_its_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = _beir(tmp_path / "broken", GOOD_CORPUS, GOOD_QUERIES, "")
+    (folder / "qrels.jsonl").unlink()
+    qrels = [{"query-id": "q1", "corpus-id": "p1", "score": 1}, {"query-id": "q1", "corpus-id": "p7", "score": 1}]
+    for number, rows in enumerate((qrels[:1], qrels[1:])):
+        (folder / "qrels").mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), folder / "qrels" / f"test-{number:05d}-of-00002.parquet")
+    broken = folder / "qrels" / "test-00001-of-00002.parquet"
+    with pytest.raises(DataError, match=rf"^{broken} row 0: corpus-id 'p7' is not in the corpus"):
+        resolve_tasks(folder)
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=rf"cannot read parquet file {broken}"):
+        resolve_tasks(folder)
+
+
+def test_build_dataset_positions_must_fit_the_rows():
+    rows = (
+        [{"corpus-id": 1, "text": "t"}],
+        [{"query-id": 1, "query": "q"}],
+        [{"query-id": 1, "corpus-id": 1, "score": 1}],
+    )
+    assert build_dataset("x", "x", None, *rows, where={"corpus": ["c.jsonl:1"]}).qrels == {"1": {"1": 1}}
+    with pytest.raises(DataError, match="2 positions for 1 corpus rows"):
+        build_dataset("x", "x", None, *rows, where={"corpus": ["a", "b"]})
+    with pytest.raises(DataError, match=r"where= names parts \['pages'\]"):
+        build_dataset("x", "x", None, *rows, where={"pages": ["a"]})
+    with pytest.raises(DataError, match=r"^x corpus row 0: needs 'corpus-id'"):
+        build_dataset("x", "x", None, [{"text": "t"}], *rows[1:])

@@ -80,6 +80,29 @@ def test_colpali_schema_through_datasets(tmp_path):
     assert detect_format({"query": "q", "image": None}) == "colpali"
 
 
+def test_parquet_folders_read_by_the_shared_reader_and_rows_named_by_file(tmp_path, caplog):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), "white").save(buffer, format="PNG")
+    page = {"bytes": buffer.getvalue(), "path": "page.png"}
+    (tmp_path / "colpali").mkdir()
+    for number, rows in enumerate(([{"query": "q0", "image": page}], [{"query": "q1", "image": None}])):
+        path = tmp_path / "colpali" / f"train-{number:05d}-of-00002.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    spec = DatasetSpec(path=str(tmp_path / "colpali"), name="pages")
+    mixture = Mixture([spec], seed=0)
+    with caplog.at_level(logging.WARNING, logger="metaembed.train"):
+        examples = [mixture.next_example() for _ in range(3)]  # one epoch holds both rows
+    for example in examples:
+        assert example.query == {"text": "q0", "image": None} and example.positive["image"].size == (32, 24)
+    assert mixture.bad["pages"] >= 1  # the row without a page, named by its file and row
+    assert f"{tmp_path / 'colpali' / 'train-00001-of-00002.parquet'} row 0" in caplog.text
+
+
 def test_weighted_interleaving_and_resume(tmp_path):
     specs = []
     for name, weight in (("a", 3.0), ("b", 1.0)):

@@ -13,6 +13,7 @@ images in one, e.g. ``eval_images/``).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -54,6 +55,8 @@ def parse_line(line: str | bytes, where: str) -> dict:
         row = json.loads(line)
     except json.JSONDecodeError as error:
         raise RecordError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+    except UnicodeDecodeError as error:  # bytes that are not UTF-8 (json.loads decodes them first)
+        raise RecordError(f"{where}: not UTF-8 (byte {error.start} of the line: {error.reason})") from None
     if not isinstance(row, dict):
         raise RecordError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
     return row
@@ -99,6 +102,90 @@ class JsonlRows(Sequence[dict]):
         return parse_line(handle.readline(), self.where(i))
 
 
+# ---------------------------------------------------------------------------------------------- parquet
+class ParquetRows(Sequence[dict]):
+    """Random access to the rows of parquet files, decoded one row group at a time (the last one kept).
+
+    The one parquet reader: evaluation and the builders iterate it, training indexes it. Only the files'
+    footers are read up front; a row is a plain dict (a hub image stays its ``{bytes, path}`` struct, decoded
+    when it is used). ``rows.where(i)`` is ``file row N`` (N from 0 within that file). A file or row group
+    pyarrow cannot read is a :class:`DataError` naming the file (and the rows of the group).
+    """
+
+    def __init__(self, files: Sequence[str | Path]) -> None:
+        self.files = [Path(f) for f in files]
+        self.groups: list[tuple[int, int, int, int]] = []  # (file, row group, first row in the file, rows)
+        self.starts: list[int] = []  # the index of each group's first row among all rows
+        total = 0
+        for f, path in enumerate(self.files):
+            meta = self._open(path).metadata
+            first = 0
+            for group in range(meta.num_row_groups):
+                count = meta.row_group(group).num_rows
+                if count:
+                    self.groups.append((f, group, first, count))
+                    self.starts.append(total)
+                first += count
+                total += count
+        self.total = total
+        self._cached: tuple[int, list[dict]] = (-1, [])
+
+    @staticmethod
+    def _open(path: Path) -> Any:
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path)
+        except Exception as error:  # pyarrow raises several types for missing, truncated or foreign files
+            raise DataError(f"cannot read parquet file {path}: {error}") from error
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(row group, row within it) of row ``i``."""
+        if not -self.total <= i < self.total:
+            raise IndexError(f"row {i} of {self.total}")
+        i %= self.total
+        group = bisect.bisect_right(self.starts, i) - 1
+        return group, i - self.starts[group]
+
+    def where(self, i: int) -> str:
+        group, offset = self._locate(i)
+        f, _, first, _ = self.groups[group]
+        return f"{self.files[f]} row {first + offset}"
+
+    def _rows(self, group: int) -> list[dict]:
+        if self._cached[0] != group:
+            f, number, first, count = self.groups[group]
+            try:
+                rows = self._open(self.files[f]).read_row_group(number).to_pylist()
+            except DataError:
+                raise
+            except Exception as error:  # a corrupt page: pyarrow's types vary
+                span = f"rows {first}–{first + count - 1}"
+                raise DataError(f"cannot read parquet file {self.files[f]} {span}: {error}") from error
+            self._cached = (group, rows)
+        return self._cached[1]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        group, offset = self._locate(i)
+        return self._rows(group)[offset]
+
+    def __iter__(self) -> Iterator[dict]:
+        for group in range(len(self.groups)):
+            yield from self._rows(group)
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    """A folder's parquet files, sorted (searched recursively): its ``test*`` ones when it has any (the hub's
+    split files), else all of them."""
+    files = sorted(folder.rglob("*.parquet"))
+    return [f for f in files if f.name.startswith("test")] or files
+
+
 def iter_records(path: str | Path, on_bad_record: str = "fail") -> Iterator[tuple[str, dict]]:
     """``(where, record)`` of a ``.jsonl`` file, a ``.parquet`` file, or a folder's parquet files (sorted).
 
@@ -107,22 +194,13 @@ def iter_records(path: str | Path, on_bad_record: str = "fail") -> Iterator[tupl
     """
     path = Path(path)
     check_on_bad_record(on_bad_record)
-    if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
-        files = [f for f in files if f.name.startswith("test")] or files
+    if path.is_dir() or path.suffix == ".parquet":
+        files = parquet_files(path) if path.is_dir() else [path]
         if not files:
             raise DataError(f"{path} holds no .parquet files")
-        for file in files:
-            yield from iter_records(file, on_bad_record)
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several types for corrupt files
-            raise DataError(f"cannot read parquet file {path}: {error}") from error
-        for number, row in enumerate(rows):
-            yield f"{path} row {number}", row
+        rows = ParquetRows(files)
+        for i, row in enumerate(rows):
+            yield rows.where(i), row
     elif path.suffix == ".jsonl":
         rows = JsonlRows([path])
         skipped = 0
@@ -138,11 +216,6 @@ def iter_records(path: str | Path, on_bad_record: str = "fail") -> Iterator[tupl
             yield rows.where(i), row
     else:
         raise DataError(f"cannot read {path}: expected a .jsonl or .parquet file or a folder of parquet files")
-
-
-def read_records(path: str | Path, on_bad_record: str = "fail") -> list[dict]:
-    """Every record of :func:`iter_records` (positions dropped)."""
-    return [row for _, row in iter_records(path, on_bad_record)]
 
 
 # ----------------------------------------------------------------------------------------------- images

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from metaembed.budget import Budget
-from metaembed.data.records import ImageRoot, is_hub_id, iter_records
+from metaembed.data.records import ImageRoot, is_hub_id, iter_records, parquet_files
 from metaembed.errors import DataError
 from metaembed.eval.common import fingerprint, hub_revision
 from metaembed.eval.report import EvalResult
@@ -194,7 +194,7 @@ def load_datasets(
     for name in wanted:
         path = directory / f"{name}.jsonl"
         path = path if path.is_file() else directory / name
-        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        files = [path] if path.is_file() else parquet_files(path)  # the files iter_records reads
         records = list(iter_records(path))
         queries, candidates = parse_records([r for _, r in records], f"{path}", [w for w, _ in records])
         out.append(MMEBDataset(name, str(path), fingerprint(files), root.folder, queries, candidates))

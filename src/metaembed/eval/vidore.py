@@ -17,7 +17,8 @@ English queries when only that is present.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from metaembed.budget import Budget
-from metaembed.data.records import ImageRoot, is_hub_id, read_records
+from metaembed.data.records import ImageRoot, is_hub_id, iter_records, parquet_files
 from metaembed.errors import DataError
 from metaembed.eval.common import fingerprint, hub_revision
 from metaembed.eval.metrics import evaluate_dense, mean_over_queries
@@ -112,47 +113,54 @@ def build_dataset(
     qrels: Sequence[dict],
     languages: Sequence[str] | None = None,
     image_root: Path | None = None,
+    where: Mapping[str, Sequence[str]] | None = None,
 ) -> BeirDataset:
-    """Validate the three BEIR tables and apply the language filter."""
+    """Validate the three BEIR tables and apply the language filter.
+
+    ``where`` names each row of a part (``corpus``, ``queries``, ``qrels``) in error messages — ``file:line``
+    or ``file row N`` as :func:`metaembed.data.records.iter_records` gives them; by default ``SOURCE PART row N``.
+    """
     images = ImageRoot(image_root)
-    corpus_ids, corpus_items = [], []
+    at = _positions(source, where or {}, {"corpus": corpus, "queries": queries, "qrels": qrels})
+    corpus_ids, corpus_items, first = [], [], {}
     for number, row in enumerate(corpus):
         if "corpus-id" not in row or not ({"image", "text"} & set(row)):
+            raise DataError(f"{at['corpus'](number)}: needs 'corpus-id' and an 'image' or a 'text', has {sorted(row)}")
+        page = str(row["corpus-id"])
+        if page in first:
             raise DataError(
-                f"{source} corpus row {number}: needs 'corpus-id' and an 'image' or a 'text', has {sorted(row)}"
+                f"{at['corpus'](number)}: corpus-id {page!r} repeats (first at {at['corpus'](first[page])}); "
+                "each page needs a unique corpus-id"
             )
-        corpus_ids.append(str(row["corpus-id"]))
-        corpus_items.append(_item(row, "text", images, f"{source} corpus row {number}"))
+        first[page] = number
+        corpus_ids.append(page)
+        corpus_items.append(_item(row, "text", images, at["corpus"](number)))
     if not corpus_ids:
         raise DataError(f"{source}: the corpus is empty")
-    if len(set(corpus_ids)) != len(corpus_ids):
-        raise DataError(f"{source}: corpus ids repeat; each page needs a unique corpus-id")
     wanted = {normalise_language(lang) for lang in languages} if languages else None
     query_ids, query_items, seen = [], [], set()
     for number, row in enumerate(queries):
         if "query-id" not in row or not ({"query", "image"} & set(row)):
-            raise DataError(
-                f"{source} queries row {number}: needs 'query-id' and a 'query' or an 'image', has {sorted(row)}"
-            )
+            raise DataError(f"{at['queries'](number)}: needs 'query-id' and a 'query' or an 'image', has {sorted(row)}")
         if wanted is not None and normalise_language(row.get("language", "eng")) not in wanted:
             continue
         if str(row["query-id"]) in seen:
-            raise DataError(f"{source} queries row {number}: query-id {row['query-id']!r} repeats")
+            raise DataError(f"{at['queries'](number)}: query-id {row['query-id']!r} repeats")
         seen.add(str(row["query-id"]))
         query_ids.append(str(row["query-id"]))
-        query_items.append(_item(row, "query", images, f"{source} queries row {number}"))
+        query_items.append(_item(row, "query", images, at["queries"](number)))
     judged: dict[str, dict[str, int]] = {}
     known = set(corpus_ids)
     keep = set(query_ids)
     for number, row in enumerate(qrels):
         if not {"query-id", "corpus-id", "score"} <= set(row):
-            raise DataError(f"{source} qrels row {number}: needs 'query-id', 'corpus-id', 'score'")
+            raise DataError(f"{at['qrels'](number)}: needs 'query-id', 'corpus-id', 'score', has {sorted(row)}")
         query, doc = str(row["query-id"]), str(row["corpus-id"])
         if query not in keep:
             continue
         if doc not in known:
-            raise DataError(f"{source} qrels row {number}: corpus-id {doc!r} is not in the corpus")
-        judged.setdefault(query, {})[doc] = int(row["score"])
+            raise DataError(f"{at['qrels'](number)}: corpus-id {doc!r} is not in the corpus")
+        judged.setdefault(query, {})[doc] = _grade(row["score"], at["qrels"](number))
     have = [i for i, q in enumerate(query_ids) if q in judged]
     if not have:
         raise DataError(f"{source}: no query (after the language filter {sorted(wanted or [])}) has qrels")
@@ -167,6 +175,35 @@ def build_dataset(
         qrels=judged,
         skipped_queries=len(query_ids) - len(have),
     )
+
+
+def _positions(
+    source: str, where: Mapping[str, Sequence[str]], parts: Mapping[str, Sequence[dict]]
+) -> dict[str, Callable[[int], str]]:
+    """Per part, row number → the text that names that row in an error."""
+    unknown = sorted(set(where) - set(parts))
+    if unknown:
+        raise DataError(f"where= names parts {unknown}; allowed: {sorted(parts)}")
+    at = {}
+    for part, rows in parts.items():
+        if part in where:
+            if len(where[part]) != len(rows):
+                raise DataError(f"{source}: {len(where[part])} positions for {len(rows)} {part} rows")
+            at[part] = where[part].__getitem__
+        else:
+            at[part] = functools.partial("{} {} row {}".format, source, part)
+    return at
+
+
+def _grade(value: Any, where: str) -> int:
+    """A qrels score as an int: a whole number (``2``, ``2.0``, ``"2"``), never a silent truncation."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer():
+        raise DataError(f"{where}: 'score' must be a whole number (a relevance grade), got {value!r}")
+    return int(number)
 
 
 def _item(row: dict, text_key: str, root: ImageRoot, where: str) -> dict:
@@ -196,10 +233,11 @@ def load_local(directory: Path, name: str, languages: Sequence[str] | None = Non
     missing = [p for p, path in paths.items() if path is None]
     if missing:
         raise DataError(f"{directory} is not a BEIR dataset: no {missing} (<part>.jsonl, .parquet or folder)")
-    files = sorted(f for path in paths.values() for f in ([path] if path.is_file() else path.rglob("*.parquet")))
-    return build_dataset(
-        name, str(directory), fingerprint(files), *(read_records(paths[p]) for p in PARTS), languages, directory
-    )
+    files = sorted(f for path in paths.values() for f in ([path] if path.is_file() else parquet_files(path)))
+    tables = {part: list(iter_records(paths[part])) for part in PARTS}
+    rows = [[row for _, row in tables[part]] for part in PARTS]
+    where = {part: [at for at, _ in tables[part]] for part in PARTS}
+    return build_dataset(name, str(directory), fingerprint(files), *rows, languages, directory, where=where)
 
 
 def load_hub(repo: str, name: str, languages: Sequence[str] | None = None) -> BeirDataset:

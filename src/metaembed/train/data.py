@@ -4,8 +4,10 @@ A record becomes an :class:`Example` (a query, its positive, its own hard negati
 ``{"text": str | None, "image": PIL image | None}``. Sources:
 
 * a ``.jsonl`` file, or a directory of them (sorted), read lazily by byte offset;
-* a ``.parquet`` / ``.json`` file, a directory of parquet files, a ``datasets.save_to_disk`` directory,
-  or a hub id (``owner/name``, with ``subset`` and ``split``) — all through ``datasets``.
+* a ``.parquet`` file or a directory of them (sorted; every file), read a row group at a time by
+  :class:`metaembed.data.records.ParquetRows`, the parquet reader evaluation uses too;
+* a ``.json`` file, a ``datasets.save_to_disk`` directory, or a hub id (``owner/name``, with ``subset`` and
+  ``split``) — through ``datasets``.
 
 Records and images are read by :mod:`metaembed.data.records`, the reader evaluation and the builders use
 too: image paths are resolved against the dataset's ``image_root`` (a directory, or a ``.zip`` extracted
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metaembed.data.records import ImageRoot, JsonlRows, check_on_bad_record, is_hub_id
+from metaembed.data.records import ImageRoot, JsonlRows, ParquetRows, check_on_bad_record, is_hub_id
 from metaembed.errors import DataError, InputError, RecordError
 from metaembed.model.items import load_image
 
@@ -98,16 +100,20 @@ def _open_rows(spec: DatasetSpec):
     if path.is_file():
         if path.suffix == ".jsonl":
             return JsonlRows([path]), path.parent
-        if path.suffix in (".parquet", ".json"):
-            return _hf_rows("parquet" if path.suffix == ".parquet" else "json", data_files=str(path)), path.parent
+        if path.suffix == ".parquet":
+            return ParquetRows([path]), path.parent
+        if path.suffix == ".json":
+            from datasets import load_dataset
+
+            return load_dataset("json", data_files=str(path), split="train"), path.parent
         raise DataError(f"dataset {spec.name}: cannot read {path} (expected .jsonl, .json or .parquet)")
     if path.is_dir():
         jsonl = sorted(path.glob("*.jsonl"))
         if jsonl:
             return JsonlRows(jsonl), path
-        parquet = sorted(str(p) for p in path.rglob("*.parquet"))
+        parquet = sorted(path.rglob("*.parquet"))
         if parquet:
-            return _hf_rows("parquet", data_files=parquet), path
+            return ParquetRows(parquet), path
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
             from datasets import load_from_disk
 
@@ -123,12 +129,6 @@ def _open_rows(spec: DatasetSpec):
         except Exception as error:  # offline, unknown repo, bad subset: datasets raises many types
             raise DataError(f"dataset {spec.name}: cannot load hub dataset {text!r}: {error}") from error
     raise DataError(f"dataset {spec.name}: {text!r} is neither a file, a directory nor a hub id 'owner/name'")
-
-
-def _hf_rows(kind: str, data_files):
-    from datasets import load_dataset
-
-    return load_dataset(kind, data_files=data_files, split="train")
 
 
 # ---------------------------------------------------------------------------------------------- schemas
@@ -167,8 +167,8 @@ class _Reader:
         self._where = ""
 
     def where(self, i: int) -> str:
-        """``file:line`` of a JSONL row, else the source and row number."""
-        return self.rows.where(i) if isinstance(self.rows, JsonlRows) else f"{self.spec.path} row {i}"
+        """``file:line`` of a JSONL row, ``file row N`` of a parquet row, else the source and row number."""
+        return self.rows.where(i) if isinstance(self.rows, JsonlRows | ParquetRows) else f"{self.spec.path} row {i}"
 
     def _bad(self, reason: str) -> RecordError:
         return RecordError(f"{self._where}: {reason}")
