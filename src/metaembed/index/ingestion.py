@@ -9,17 +9,15 @@ never silently dropped; ``strict=True`` makes the first one fatal.
 Chunks are cut from the whole listing (not from what is left to do), and every chunk is encoded in the same
 batches whichever process encodes it, so one process and N processes produce the same vectors bit for bit.
 Under ``torchrun`` (an initialised ``torch.distributed`` group) rank ``r`` encodes chunks ``r, r+W, …`` into
-``shard_dir/chunk-K-<digest>.safetensors`` (written under a temporary name and renamed, so a shard is
-whole or absent); after a barrier rank 0 commits the shards in chunk order and removes them. A rerun reuses
-every finished shard. The index never imports the model: ``model`` is anything with ``encode_candidates``,
-``num_vectors(side)`` and ``embedding_dim`` (a :class:`metaembed.MetaEmbedModel`).
+``shard_dir`` (:mod:`metaembed.index.shards`: one whole-or-absent file per chunk); after a barrier rank 0
+commits the shards in chunk order and removes them. A rerun reuses every finished shard. The index never
+imports the model: ``model`` is anything with ``encode_candidates``, ``num_vectors(side)`` and
+``embedding_dim`` (a :class:`metaembed.MetaEmbedModel`).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -30,14 +28,13 @@ from typing import Any
 import torch
 
 from metaembed.errors import InputError, MetaEmbedError
-from metaembed.index.base import IndexStoreError
 from metaembed.index.files import DEFAULT_LIMITS, BadItem, BadItemError, FileItem, Limits, discover, load
+from metaembed.index.shards import Chunk, IngestError, read_shard, remove_shards, shard_name, write_shards
+from metaembed.index.shards import broadcast as _broadcast
+from metaembed.index.shards import gather as _gather
+from metaembed.index.shards import world as _world
 
-SHARD_FORMAT = "metaembed-ingest-shard"
-
-
-class IngestError(IndexStoreError, ValueError):
-    """An ingest that cannot go on: a bad item under ``strict=True``, or a shard another rank did not write."""
+__all__ = ["IngestError", "IngestReport", "ingest", "open_for_model", "shard_name"]
 
 
 @dataclass
@@ -154,12 +151,12 @@ def ingest(
                     shard = None if shards is None else shards / shard_name(number, pending)
                     if shard is not None and shard.exists():
                         bar.update(len(pending))
-                        chunk = _read_shard(shard)
+                        chunk = read_shard(shard)
                     else:
                         chunk = encode(pending)
                     _commit(store, chunk, strict, report)
             else:
-                _write_shards(encode, mine, shards, bar)
+                write_shards(encode, mine, shards, bar)
         finally:
             bar.close()
         if world > 1:
@@ -168,9 +165,9 @@ def ingest(
             report.encoded, report.encode_seconds = sum(c for c, _ in counts), max(t for _, t in counts)
             if rank == 0:
                 for number, pending in plan:
-                    _commit(store, _read_shard(shards / shard_name(number, pending)), strict, report)
+                    _commit(store, read_shard(shards / shard_name(number, pending)), strict, report)
         if rank == 0 and shards is not None and shards.is_dir():
-            _remove_shards(shards)
+            remove_shards(shards)
         if store is not None:
             report.index_size = len(store)
     finally:
@@ -240,15 +237,7 @@ def _plan(store, items, where, limit, chunk_size: int, report: IngestReport) -> 
     return plan
 
 
-@dataclass
-class _Chunk:
-    ids: list[str]
-    embeddings: torch.Tensor
-    metadata: list[dict[str, Any]]
-    bad: list[BadItem]
-
-
-def _encode_chunk(model, pending: list[FileItem], *, batch_size: int, limits: Limits, bar, report) -> _Chunk:
+def _encode_chunk(model, pending: list[FileItem], *, batch_size: int, limits: Limits, bar, report) -> Chunk:
     ids, vectors, metadata, bad = [], [], [], []
     for lo in range(0, len(pending), batch_size):
         began = time.perf_counter()
@@ -276,7 +265,7 @@ def _encode_chunk(model, pending: list[FileItem], *, batch_size: int, limits: Li
         bar.update(len(batch))
     dim, count = model.embedding_dim, model.num_vectors("candidate")
     embeddings = torch.stack(vectors) if vectors else torch.empty(0, count, dim)
-    return _Chunk(ids, embeddings, metadata, bad)
+    return Chunk(ids, embeddings, metadata, bad)
 
 
 def _encode(model, inputs: list[dict[str, Any]]) -> tuple[list[torch.Tensor | None], list[str | None]]:
@@ -303,7 +292,7 @@ def _strict_message(bad: list[BadItem]) -> str:
     return f"{len(bad)} bad item(s) and strict is on; nothing more was added:\n{listed}"
 
 
-def _commit(store, chunk: _Chunk, strict: bool, report: IngestReport) -> None:
+def _commit(store, chunk: Chunk, strict: bool, report: IngestReport) -> None:
     if strict and chunk.bad:
         report.bad += chunk.bad
         raise IngestError(_strict_message(chunk.bad))
@@ -311,88 +300,6 @@ def _commit(store, chunk: _Chunk, strict: bool, report: IngestReport) -> None:
     if chunk.ids:
         store.add(chunk.ids, chunk.embeddings, chunk.metadata)
         report.added += len(chunk.ids)
-
-
-# ------------------------------------------------------------------------------------------------ sharding
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast(value):
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(value) -> list:
-    import torch.distributed as dist
-
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)  # also the barrier before rank 0 commits the shards
-    return out
-
-
-def shard_name(number: int, pending: Sequence[FileItem]) -> str:
-    """A chunk's shard file: its number and a digest of its ids (a changed listing never reuses a stale shard)."""
-    digest = hashlib.sha256("\n".join(item.id for item in pending).encode("utf-8", "surrogatepass")).hexdigest()
-    return f"chunk-{number:06d}-{digest[:16]}.safetensors"
-
-
-def _write_shards(encode, mine: list[tuple[int, list[FileItem]]], shard_dir: Path, bar) -> None:
-    """This rank's chunks → one safetensors file each: the fp32 vectors, ids, metadata and bad items."""
-    from safetensors.torch import save_file
-
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for number, pending in mine:
-        target = shard_dir / shard_name(number, pending)
-        if target.exists():  # finished by an earlier run
-            bar.update(len(pending))
-            continue
-        chunk = encode(pending)
-        header = {
-            "format": SHARD_FORMAT,
-            "ids": json.dumps(chunk.ids, ensure_ascii=False),
-            "metadata": json.dumps(chunk.metadata, ensure_ascii=False),
-            "bad": json.dumps([b.as_dict() for b in chunk.bad], ensure_ascii=False),
-        }
-        tmp = target.with_name(target.name + ".tmp")
-        save_file({"embeddings": chunk.embeddings.contiguous()}, str(tmp), metadata=header)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-
-
-def _read_shard(path: Path) -> _Chunk:
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise IngestError(f"shard {path} is missing: a rank stopped before writing it; rerun the same command")
-    try:
-        with safe_open(str(path), "pt") as handle:
-            header = handle.metadata() or {}
-            embeddings = handle.get_tensor("embeddings")
-        if header.get("format") != SHARD_FORMAT:
-            raise ValueError("no metaembed shard header")
-        bad = [BadItem(**entry) for entry in json.loads(header["bad"])]
-        return _Chunk(json.loads(header["ids"]), embeddings, json.loads(header["metadata"]), bad)
-    except Exception as error:  # safetensors raises its own types for truncated or foreign files
-        raise IngestError(f"cannot read shard {path} ({error}); delete it and rerun to encode it again") from None
-
-
-def _remove_shards(shard_dir: Path) -> None:
-    """After a complete commit: the shards are in the index (or stale, from a listing that changed)."""
-    for path in shard_dir.glob("chunk-*.safetensors*"):
-        path.unlink()
-    if not any(shard_dir.iterdir()):
-        shard_dir.rmdir()
 
 
 def _progress_bar(total: int, rank: int, world: int, enabled: bool):
