@@ -194,3 +194,52 @@ def test_a_forked_child_scores_with_its_own_threads():
     want = _score_fork_inputs()  # the parent's thread pool exists now; a child inherits it without its threads
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply_async(_score_fork_inputs).get(timeout=30) == want
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("nq", "r_q", "r_c", "n", "dim"),
+    [
+        (2, 16, 64, 131, 384),  # 32 query vectors: two runs of 16; N spans several chunks
+        (3, 7, 13, 150, 47),  # 21 vectors: a short last group of 4; r_c not a multiple of 4; odd D
+        (5, 5, 2, 70, 33),  # 2 vectors per item: one tile of 4 repeats a vector
+        (32, 16, 64, 150, 100),  # 512 vectors: blocks of 64 items, the last one short
+        (17, 1, 64, 9, 2048),  # one item's vectors fill the L2 chunk alone
+        (9, 2, 5, 257, 64),  # the 1- and 3-vector groups tiled with the next group's first vector
+    ],
+)
+def test_batches_take_items_one_at_a_time_and_match_float64(nq, r_q, r_c, n, dim):
+    """More than 16 query vectors per call run the item-at-a-time order (running maxima in registers, items and
+    query vectors blocked for the caches): every edge of its blocking against the float64 reference, and every
+    query bit-identical to the same query scored alone (the streaming order)."""
+    gen = torch.Generator().manual_seed(nq * 1_000 + r_q * 100 + r_c + dim)
+    queries = torch.randn(nq, r_q, dim, generator=gen) * 2
+    candidates = torch.randn(n, 64, dim, generator=gen).to(torch.bfloat16)
+    blocks = grouped_blocks(candidates, r_c)
+    got = fused.fused_scores(queries, blocks, threads=1)
+    expected = reference(queries, candidates, Budget(r_q, r_c))
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
+    for i in {0, nq // 2, nq - 1}:
+        assert torch.equal(got[i : i + 1], fused.fused_scores(queries[i : i + 1], blocks, threads=1))
+    strided = fused.fused_scores(queries, [(candidates[:, :r_c], None)], threads=2)  # items 64 vectors apart
+    assert torch.equal(strided, got)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(
+    nq=st.integers(1, 32),
+    r_q=st.integers(1, 16),
+    r_c=st.integers(1, 64),
+    n=st.integers(1, 200),
+    dim=st.integers(1, 100),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_batches_of_1_to_32_queries_match_float64(nq, r_q, r_c, n, dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.randn(nq, r_q, dim, generator=gen)
+    candidates = torch.randn(n, 64, dim, generator=gen).to(torch.bfloat16)
+    expected = reference(queries, candidates, Budget(r_q, r_c))
+    got = fused.fused_scores(queries, grouped_blocks(candidates, r_c))
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
+    assert torch.equal(got[-1:], fused.fused_scores(queries[-1:], grouped_blocks(candidates, r_c)))

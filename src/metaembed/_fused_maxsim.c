@@ -8,6 +8,10 @@
  * dot products against all query vectors while the vector is in registers/L1 (fp32 accumulation with
  * VDPBF16PS), and folds them into the running max per item and query vector straight away.
  *
+ * Two loop orders: fold_items streams each block of stored vectors in turn (one query: memory-bound, and the long
+ * sequential reads are what keeps it near the bandwidth), fold_by_item takes items one at a time with running
+ * maxima in registers and the items and query vectors blocked for the caches (a batch: arithmetic-bound).
+ *
  * Every dot product is accumulated in the same order whatever the tile shape (the lanes of one accumulator, then
  * the same reduction tree in sum16), so a query scores bit-identically alone and inside any batch: scoring runs
  * every bf16 batch through this kernel for that reason, not only one query.
@@ -41,6 +45,15 @@
  * looks fewer rows ahead (two 4-row tiles). The values and the machine they were tuned on: docs/kernels.md. */
 #define PREFETCH_ROWS_FIRST 32
 #define PREFETCH_ROWS_STEPPED 8
+/* fold_by_item: items scored together while their vectors stay in L2 (a quarter of it: the rest holds the query
+ * vectors and what comes in next), the query vectors whose tiles share a pass over them (4 running tiles in
+ * registers), and how far ahead (in bytes of items) the first pass prefetches the same vectors of a later item.
+ * It runs from more than QUERY_CHUNK query vectors (a batch, which re-reads every item once per run of query vectors
+ * and gains most from the blocking). For one query, a single run, it was faster than fold_items' stepped 4 x 4 order
+ * on items in cache but slower from memory (D = 384, 16x64) on the build machine, so one query keeps fold_items. */
+#define CHUNK_BYTES (256 * 1024)
+#define QUERY_CHUNK 16
+#define PREFETCH_ITEM_BYTES 4096
 
 /* 1 when this CPU and OS run AVX512-BF16 (libgcc checks the OS saves the zmm state). */
 int metaembed_fused_supported(void) {
@@ -185,8 +198,99 @@ TARGET static inline __attribute__((always_inline)) void fold_items(
     }
 }
 
+/* Items one after another, all of an item's stored vectors (over all blocks) before the next. Each 4 x 4 tile
+ * (4 query vectors x 4 of the item's vectors, stepped through D) is max'ed lane-wise into a running tile per 4 query
+ * vectors, kept in registers; the max over the item's vectors per query vector is taken once per item instead of
+ * once per tile, and no tile mixes items (the 1- and 3-vector blocks of the ladder are tiled together). best is
+ * written, not max'ed: each item is finished in one go. Returns 0, or -1 when out of memory.
+ *
+ * Cache blocking: items are taken in chunks whose vectors fit in L2 and query vectors in runs of QUERY_CHUNK, so a
+ * batch reads a chunk from memory once and from L2 once per run, while the run's query vectors stay in L1. The first
+ * run prefetches the same vectors of an item PREFETCH_ITEM_BYTES further on. One query (<= 16 vectors) is one run:
+ * a single pass over the items. */
+TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks,
+                               const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
+                               int64_t first, int64_t count, int64_t available, float *best, int64_t block) {
+    int64_t per_item = 0;
+    for (int64_t b = 0; b < nblocks; b++) per_item += takes[b];
+    const int64_t item_bytes = per_item * dim * (int64_t)sizeof(uint16_t);
+    const int64_t fit = CHUNK_BYTES / item_bytes, chunk = fit < 1 ? 1 : fit;
+    const int64_t distance = (PREFETCH_ITEM_BYTES + item_bytes - 1) / item_bytes; /* in items */
+    const int64_t tiles = (per_item + 3) / 4;
+    const uint16_t **rows = malloc(sizeof(*rows) * tiles * 4);
+    int64_t *ahead = malloc(sizeof(*ahead) * tiles * 4); /* per row, then per tile */
+    if (!rows || !ahead) {
+        free(rows), free(ahead);
+        return -1;
+    }
+    for (int64_t c0 = 0; c0 < count; c0 += chunk) {
+        const int64_t c1 = count - c0 < chunk ? count : c0 + chunk;
+        for (int64_t q0 = 0; q0 < m; q0 += QUERY_CHUNK) {
+            const int64_t q1 = m - q0 < QUERY_CHUNK ? m : q0 + QUERY_CHUNK;
+            const int groups = (int)((q1 - q0 + 3) / 4);
+            const uint16_t *query[QUERY_CHUNK]; /* a short last group repeats a vector; its maxima are not written */
+            for (int v = 0; v < 4 * groups; v++) query[v] = queries + (q0 + v < q1 ? q0 + v : q1 - 1) * dim;
+            for (int64_t i = c0; i < c1; i++) {
+                int64_t r = 0;
+                for (int64_t b = 0; b < nblocks; b++)
+                    for (int64_t j = 0; j < takes[b]; j++, r++) {
+                        rows[r] = bases[b] + (first + i) * item_strides[b] + j * dim;
+                        ahead[r] = distance * item_strides[b];
+                    }
+                for (; r < tiles * 4; r++) { /* a repeated vector leaves the max as it is */
+                    rows[r] = rows[per_item - 1];
+                    ahead[r] = ahead[per_item - 1];
+                }
+                for (int64_t t = 0; t < tiles; t++) { /* a tile across blocks of other strides: no prefetch */
+                    const int64_t *a = ahead + 4 * t;
+                    ahead[t] = a[0] == a[1] && a[0] == a[2] && a[0] == a[3] ? a[0] : 0;
+                }
+                const int prefetch = q0 == 0 && i + distance < available;
+                __m512 run[QUERY_CHUNK / 4];
+                for (int g = 0; g < groups; g++) run[g] = _mm512_set1_ps(-INFINITY);
+                for (int64_t t = 0; t < tiles; t++)
+                    for (int g = 0; g < groups; g++) {
+                        const int64_t pf = prefetch && g == 0 ? ahead[t] : 0;
+                        run[g] = _mm512_max_ps(run[g], tile(query + 4 * g, rows + 4 * t, dim, 4, 4, pf, 0));
+                    }
+                for (int g = 0; g < groups; g++) {
+                    float lanes[16];
+                    _mm512_storeu_ps(lanes, max_over_rows(run[g], 4)); /* lane 4a: query vector a's max */
+                    for (int a = 0; a < 4 && q0 + 4 * g + a < q1; a++)
+                        best[(q0 + 4 * g + a) * block + i] = lanes[4 * a];
+                }
+            }
+        }
+    }
+    free(rows), free(ahead);
+    return 0;
+}
+
+/* One block of items into best, in the loop order and tile shape that suits m query vectors. Returns 0, or -1 when
+ * out of memory. */
+TARGET static int fold_block(const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks,
+                             const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
+                             int64_t first, int64_t count, int64_t available, float *best, int64_t block) {
+    if (m > QUERY_CHUNK)
+        return fold_by_item(queries, m, dim, nblocks, bases, takes, item_strides, first, count, available, best,
+                            block);
+    /* tile shapes keep 16 accumulators: one query vector x 16 rows, 2 x 8, or 4 x 4 */
+#define FOLD(QT, RT, ROWS_FIRST) \
+    fold_items(queries, m, dim, nblocks, bases, takes, item_strides, first, count, best, block, QT, RT, ROWS_FIRST)
+    if (m == 1)
+        FOLD(1, 16, 1);
+    else if (m <= 3)
+        FOLD(2, 8, 1);
+    else if (m <= ROWS_FIRST_MAX_M)
+        FOLD(4, 4, 1);
+    else
+        FOLD(4, 4, 0);
+#undef FOLD
+    return 0;
+}
+
 /* Scores of items [lo, hi): scores[query][item] = sum over its r_q vectors of the best dot product.
- * Returns 0, or -1 when m is out of range. */
+ * Returns 0, or -1 when m is out of range or memory runs out. */
 TARGET int metaembed_maxsim_bf16(const uint16_t *queries, int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks,
                                  const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
                                  int64_t lo, int64_t hi, float *scores, int64_t n) {
@@ -198,18 +302,10 @@ TARGET int metaembed_maxsim_bf16(const uint16_t *queries, int64_t nq, int64_t r_
     for (int64_t first = lo; first < hi; first += block) {
         const int64_t count = hi - first < block ? hi - first : block;
         for (int64_t i = 0; i < m * block; i++) best[i] = -INFINITY;
-        /* tile shapes keep 16 accumulators: one query vector x 16 rows, 2 x 8, or 4 x 4 */
-#define FOLD(QT, RT, ROWS_FIRST) \
-    fold_items(queries, m, dim, nblocks, bases, takes, item_strides, first, count, best, block, QT, RT, ROWS_FIRST)
-        if (m == 1)
-            FOLD(1, 16, 1);
-        else if (m <= 3)
-            FOLD(2, 8, 1);
-        else if (m <= ROWS_FIRST_MAX_M)
-            FOLD(4, 4, 1);
-        else
-            FOLD(4, 4, 0);
-#undef FOLD
+        if (fold_block(queries, m, dim, nblocks, bases, takes, item_strides, first, count, hi - first, best, block)) {
+            free(best);
+            return -1;
+        }
         for (int64_t q = 0; q < nq; q++) {
             float *out = scores + q * n + first;
             for (int64_t i = 0; i < count; i++) out[i] = 0.0f;
