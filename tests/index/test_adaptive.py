@@ -109,3 +109,22 @@ def test_bad_auto_searches_fail_with_the_reason(index, tmp_path):
         with pytest.raises(BudgetError, match="16x64"):
             small.search(q, AutoBudget(0.1), k=1)
         assert small.search(q, AutoBudget(0.1, ceiling=Budget(8, 16)), k=1).ids == [["a"], ["a"]]
+
+
+def test_bf16_auto_over_two_segments_scores_as_the_fixed_budgets(tmp_path):
+    """The rescorer rounds a bf16 index's query once and scores rows of several segments in place: the scores
+    are those of a fixed search, bit for bit, and a candidate list in any order gets its own scores back."""
+    c = embeddings(120, 64, D, seed=31)
+    with create_index(tmp_path / "bf", D, 64, dtype="bf16") as ix:
+        ix.add([f"i{j}" for j in range(70)], c[:70])
+        ix.add([f"i{j}" for j in range(70, 120)], c[70:])
+        q = embeddings(3, 16, D, seed=32)
+        auto = ix.search(q, AutoBudget(math.inf, cheap=Budget(2, 4), top_m=120), k=8)
+        fixed = ix.search(q, "16x64", k=8)
+        assert auto.ids == fixed.ids and torch.equal(auto.scores, fixed.scores)
+        slots = torch.tensor([119, 3, 70, 69, 100, 0, 41])
+        outcome = rerank_slots(ix, q[:1], slots, AutoBudget(math.inf, top_m=7), k=7)
+        every = ix.search(q[:1], "16x64", k=120)
+        by_id = dict(zip(every.ids[0], every.scores[0].tolist(), strict=True))
+        assert outcome.scores.tolist() == [by_id[f"i{s}"] for s in outcome.rows.tolist()]
+        assert sorted(outcome.rows.tolist()) == sorted(slots.tolist())

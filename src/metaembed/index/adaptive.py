@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from metaembed.auto_budget import AutoBudget, AutoBudgetError, Outcome, escalate
 from metaembed.budget import Budget
 from metaembed.index.base import IndexBase, SearchResults, budget_bytes, check_search
-from metaembed.index.scan import resolve, scan, score_slots
+from metaembed.index.scan import resolve, scan
 
 
 @dataclass
@@ -105,16 +106,35 @@ def auto_search(
 def rescorer(
     store: IndexBase, query: torch.Tensor, segments: list, offsets: list[int]
 ) -> Callable[[Budget, torch.Tensor], torch.Tensor]:
-    """``score(budget, slots)`` for one query ``(1, R_q, D)`` over a snapshot: scores aligned with the slots."""
+    """``score(budget, slots)`` for one query ``(1, R_q, D)`` over a snapshot: scores aligned with the slots.
+
+    Called once per level of every query, on a few rows, so it does no work twice: a bf16 index's query is
+    rounded to bf16 once here (every bf16 scoring path rounds it so first: the same scores), and rows of several
+    segments are sorted once, scored per segment in storage order and written straight to their places.
+    """
+    if getattr(store, "dtype", None) == "bf16" and query.dtype != torch.bfloat16:
+        query = query.to(torch.bfloat16)
+    if len(segments) == 1:  # slots are the segment's rows: no mapping, scores come back aligned
+
+        def score_one(budget: Budget, slots: torch.Tensor) -> torch.Tensor:
+            return segments[0].score(query, budget, slots)[0]
+
+        return score_one
+    starts = np.asarray(offsets[:-1], dtype=np.int64)
 
     def score(budget: Budget, slots: torch.Tensor) -> torch.Tensor:
-        if len(segments) == 1:  # slots are the segment's rows: no mapping, scores come back aligned
-            return segments[0].score(query, budget, slots)[0]
-        # score_slots reads rows in storage order; put the scores back in the order asked for
-        order = torch.argsort(slots)
-        scored, _ = score_slots(query, budget, segments, offsets, slots[order].numpy())
-        aligned = torch.empty_like(scored)
-        aligned[order] = scored
+        wanted = slots.numpy()
+        order = np.argsort(wanted, kind="stable")
+        ordered = wanted[order]
+        seg_of = np.searchsorted(starts, ordered, side="right") - 1
+        aligned = torch.empty(len(wanted), dtype=torch.float32)
+        bounds = np.flatnonzero(np.diff(seg_of)) + 1
+        for lo, hi in zip([0, *bounds], [*bounds, len(ordered)], strict=True):
+            if lo == hi:
+                continue
+            s_idx = int(seg_of[lo])
+            local = torch.from_numpy(ordered[lo:hi] - offsets[s_idx])
+            aligned[torch.from_numpy(order[lo:hi])] = segments[s_idx].score(query, budget, local)[0]
         return aligned
 
     return score

@@ -65,7 +65,11 @@ def maxsim_grouped(
             raise ShapeError(
                 f"scale of a (N={n}, {group.shape[1]}, D) group must be (N, {group.shape[1]}), got {tuple(scale.shape)}"
             )
-        blocks.append((group[:, :take], None if scale is None else scale[:, :take]))
+        if take < group.shape[1]:  # a whole group is passed as it is: a view per call is dispatch time, no work
+            group, scale = group[:, :take], None if scale is None else scale[:, :take]
+        blocks.append((group, scale))
         start += group.shape[1]
+    if budget.r_q < queries.shape[1]:
+        queries = queries[:, : budget.r_q]
     with torch.no_grad():
-        return score_blocks(queries[:, : budget.r_q], blocks, chunk_size=chunk_size).float()
+        return score_blocks(queries, blocks, chunk_size=chunk_size).float()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from metaembed.budget import Budget
@@ -120,8 +121,10 @@ class Segment:
         groups, scales = self.read(budget, rows)
         scores = maxsim_grouped(queries, groups, budget, scales)
         # stored vectors and queries are finite (both checked on the way in), so a non-finite score means
-        # bytes changed on disk: report it, never rank by it
-        if not torch.isfinite(scores).all():
+        # bytes changed on disk: report it, never rank by it. Checked on a numpy view of the CPU scores: torch's
+        # isfinite writes a mask tensor first, and a rescoring of a few rows pays its dispatch on every call.
+        finite = np.isfinite(scores.numpy()).all() if scores.device.type == "cpu" else torch.isfinite(scores).all()
+        if not finite:
             where = self.files[0].path.with_name(self.name) if self.files else self.name
             raise IndexFormatError(
                 f"{where}.* holds non-finite values (scores are NaN or infinite): a vector file is corrupt, or its "
