@@ -200,16 +200,16 @@ def test_a_forked_child_scores_with_its_own_threads():
 @pytest.mark.parametrize(
     ("nq", "r_q", "r_c", "n", "dim"),
     [
-        (2, 16, 64, 131, 384),  # 32 query vectors: two runs of 16; N spans several chunks
-        (3, 7, 13, 150, 47),  # 21 vectors: a short last group of 4; r_c not a multiple of 4; odd D
-        (5, 5, 2, 70, 33),  # 2 vectors per item: one tile of 4 repeats a vector
+        (4, 16, 64, 131, 384),  # 64 query vectors: four runs of 16; N spans several chunks
+        (10, 7, 13, 150, 47),  # 70 vectors: a short last run and group; r_c not a multiple of 4 (padded); odd D
+        (20, 5, 14, 70, 33),  # 14 vectors per item: the last tile repeats two
         (32, 16, 64, 150, 100),  # 512 vectors: blocks of 64 items, the last one short
-        (17, 1, 64, 9, 2048),  # one item's vectors fill the L2 chunk alone
-        (9, 2, 5, 257, 64),  # the 1- and 3-vector groups tiled with the next group's first vector
+        (64, 1, 64, 9, 2048),  # one item's vectors fill the L2 chunk alone
+        (40, 2, 4, 257, 64),  # the 1- and 3-vector groups tiled together
     ],
 )
 def test_batches_take_items_one_at_a_time_and_match_float64(nq, r_q, r_c, n, dim):
-    """More than 16 query vectors per call run the item-at-a-time order (running maxima in registers, items and
+    """64 or more query vectors per call run the item-at-a-time order (running maxima in registers, items and
     query vectors blocked for the caches): every edge of its blocking against the float64 reference, and every
     query bit-identical to the same query scored alone (the streaming order)."""
     gen = torch.Generator().manual_seed(nq * 1_000 + r_q * 100 + r_c + dim)

@@ -8,9 +8,9 @@
  * dot products against all query vectors while the vector is in registers/L1 (fp32 accumulation with
  * VDPBF16PS), and folds them into the running max per item and query vector straight away.
  *
- * Two loop orders: fold_items streams each block of stored vectors in turn (one query: memory-bound, and the long
- * sequential reads are what keeps it near the bandwidth), fold_by_item takes items one at a time with running
- * maxima in registers and the items and query vectors blocked for the caches (a batch: arithmetic-bound).
+ * Two loop orders: fold_items streams each block of stored vectors in turn (up to a few queries: memory-bound, and
+ * the long sequential reads keep it near the bandwidth), fold_by_item takes items one at a time with running maxima
+ * in registers and the items and query vectors blocked for the caches (a large batch: arithmetic-bound).
  *
  * Every dot product is accumulated in the same order whatever the tile shape (the lanes of one accumulator, then
  * the same reduction tree in sum16), so a query scores bit-identically alone and inside any batch: scoring runs
@@ -48,12 +48,14 @@
 /* fold_by_item: items scored together while their vectors stay in L2 (a quarter of it: the rest holds the query
  * vectors and what comes in next), the query vectors whose tiles share a pass over them (4 running tiles in
  * registers), and how far ahead (in bytes of items) the first pass prefetches the same vectors of a later item.
- * It runs from more than QUERY_CHUNK query vectors (a batch, which re-reads every item once per run of query vectors
- * and gains most from the blocking). For one query, a single run, it was faster than fold_items' stepped 4 x 4 order
- * on items in cache but slower from memory (D = 384, 16x64) on the build machine, so one query keeps fold_items. */
+ * It runs from BY_ITEM_MIN_M query vectors, where items have at least 4 vectors and few 4-vector tiles need padding.
+ * Measured on the build machine (thread CPU time, against fold_items' stepped 4 x 4 order): on items in cache it is
+ * faster from 16 query vectors, but from memory it is slower up to 16 (D = 384, 16x64: one query), even at 32 and
+ * faster from 128, because reading the blocks' arrays item by item streams worse than one array after another. */
 #define CHUNK_BYTES (256 * 1024)
 #define QUERY_CHUNK 16
 #define PREFETCH_ITEM_BYTES 4096
+#define BY_ITEM_MIN_M 64
 
 /* 1 when this CPU and OS run AVX512-BF16 (libgcc checks the OS saves the zmm state). */
 int metaembed_fused_supported(void) {
@@ -271,7 +273,9 @@ TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, 
 TARGET static int fold_block(const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks,
                              const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
                              int64_t first, int64_t count, int64_t available, float *best, int64_t block) {
-    if (m > QUERY_CHUNK)
+    int64_t per_item = 0;
+    for (int64_t b = 0; b < nblocks; b++) per_item += takes[b];
+    if (m >= BY_ITEM_MIN_M && (per_item % 4 == 0 || per_item >= 12)) /* at most 1 in 5 rows a padding repeat */
         return fold_by_item(queries, m, dim, nblocks, bases, takes, item_strides, first, count, available, best,
                             block);
     /* tile shapes keep 16 accumulators: one query vector x 16 rows, 2 x 8, or 4 x 4 */
