@@ -9,6 +9,7 @@ the spread, and every target with its margin.
     python benchmarks/multi_aspect_results.py --mmr slots-mmr --nommr slots-nommr \
         --singles single-mean single-last --others shipped [--plot docs/results/multi-aspect-quality.png]
     python benchmarks/multi_aspect_results.py --summary warm-div-mmr warm-div-w3-mmr …   (one row per run)
+    python benchmarks/multi_aspect_results.py --card models/metaembed-mini-multi LABEL   (its model card's table)
 """
 
 from __future__ import annotations
@@ -126,6 +127,38 @@ def summary(root: Path, labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def card_quality(root: Path, label: str) -> dict[str, dict[str, float]]:
+    """The model card's budget table (fractions, as the service shows them) from one run's stored results."""
+    test, corpus = load(root, label, "mmeb.json"), load(root, label, "vidore.json")
+    if test is None or corpus is None:
+        raise SystemExit(f"no docs/results/multi-{label}/mmeb.json and vidore.json")
+    sheets = [t for t in multi_tasks(test) if t.startswith(SHEETS_PREFIX)]
+    columns = {  # card column → (results, tasks, metric)
+        "OpenClipArt+emoji MMEB P@1": (test, list(SINGLE_ASPECT), "precision_at_1"),
+        "sheets MMEB P@1": (test, sheets, "precision_at_1"),
+        "sheets nDCG@5 (full corpus)": (corpus, sheets, "ndcg_at_5"),
+        "stdlib MMEB P@1": (test, ["stdlib_sections"], "precision_at_1"),
+    }
+    quality: dict[str, dict[str, float]] = {}
+    for budget in test.budgets:
+        for column, (result, tasks, metric) in columns.items():
+            score = task_mean(result, tasks, budget, metric)
+            if score is not None:
+                quality.setdefault(budget, {})[column] = round(score / 100, 4)
+    return quality
+
+
+def write_card(model_dir: Path, label: str, root: Path) -> None:
+    """Rewrite ``model_dir/README.md`` with the budget table of run ``label`` (the checkpoint it evaluated)."""
+    from metaembed import MetaEmbedModel
+    from metaembed.model.card import render_model_card
+
+    model = MetaEmbedModel.from_pretrained(model_dir)
+    card = render_model_card(model.config, model.embedding_dim, card_quality(root, label))
+    (model_dir / "README.md").write_text(card, encoding="utf-8")
+    print(card)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("docs/results"))
@@ -135,7 +168,12 @@ def main() -> None:
     parser.add_argument("--others", nargs="*", default=[], help="more labels to show, e.g. shipped")
     parser.add_argument("--plot", type=Path, help="quality vs budget and bytes, MMEB protocol, multi-aspect mean")
     parser.add_argument("--summary", nargs="+", metavar="LABEL", help="only the one-row-per-run summary of these runs")
+    parser.add_argument("--card", nargs=2, metavar=("MODEL_DIR", "LABEL"),
+                        help="rewrite MODEL_DIR's model card with the budget table of run LABEL")  # fmt: skip
     args = parser.parse_args()
+    if args.card:
+        write_card(Path(args.card[0]), args.card[1], args.results)
+        return
     if args.summary:
         print(summary(args.results, args.summary))
         return
