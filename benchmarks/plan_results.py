@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/plan_results.py
 
 Reads docs/results/auto-budget/{auto_budget,test}.json (``metaembed plan calibrate`` / ``plan evaluate``),
-docs/results/multi-slots-inputs-mmr/mmeb.json (``metaembed eval mmeb``, fp32 scores) and
+docs/results/multi-warm300-mmr/mmeb.json (``metaembed eval mmeb`` of the same checkpoint, fp32 scores) and
 docs/results/planner*/{plan,check}.json (``benchmarks/planner_check.py``) and prints the markdown blocks.
 """
 
@@ -16,6 +16,7 @@ from metaembed.auto_budget import AutoBudget
 from metaembed.plan.cli import auto_table
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+SHIPPED_EVAL = RESULTS / "multi-warm300-mmr" / "mmeb.json"  # models/metaembed-mini-multi, fp32 scores
 
 
 def calibration_block(policy_path: Path) -> str:
@@ -111,7 +112,7 @@ def main() -> None:
     print("\n## auto: test split\n")
     print(test_block(folder / "test.json"))
     print("\n## storage: mean P@1 % over the same tasks\n")
-    print(storage_block(folder / "test.json", RESULTS / "multi-slots-inputs-mmr" / "mmeb.json"))
+    print(storage_block(folder / "test.json", SHIPPED_EVAL))
     for check in sorted(RESULTS.glob("planner*/check.json")):
         print(f"\n## planner check: {check.parent.name}\n")
         print(check_block(check.parent))

@@ -151,7 +151,8 @@ def _picture(seed: int):
 def test_the_shipped_multi_aspect_model_finds_a_drawing_on_its_page():
     """models/metaembed-mini-multi (slot read-out over states + inputs, 256 px pages) loads with the pip towers;
     on eight 2×2 pages of unseen drawings each drawing, as a query, finds its page well above chance at
-    16x64. (How much the budget adds is measured on real pages: docs/results.md.)"""
+    16x64, and more often than with one vector per side. (How much the budget adds is measured on real pages:
+    docs/results.md.)"""
     from PIL import Image
 
     shipped = Path(__file__).resolve().parents[2] / "models" / "metaembed-mini-multi"
@@ -169,4 +170,4 @@ def test_the_shipped_multi_aspect_model_finds_a_drawing_on_its_page():
     assert q.shape == (32, 16, 384) and c.shape == (8, 64, 384)
     gold = torch.arange(32) // 4
     found = {b: int((maxsim(q, c, b).argmax(1) == gold).sum()) for b in ("1x1", "16x64")}
-    assert found["16x64"] >= 8 and found["1x1"] >= 8, found  # chance: 4 of 32
+    assert found["16x64"] >= 8 and found["16x64"] > found["1x1"], found  # chance: 4 of 32
