@@ -16,7 +16,13 @@ then times, per D and ladder budget, on random unit vectors in the index's group
   as a dense prefix — the ratio full / dense.
 
 Each timing is the median of ``--repeats`` calls after a warm-up; each cell stores one value per round, and the
-tables show the median over rounds and the spread (min–max) of the ratio. The roofline of a cell is
+tables show the median over rounds and the spread (min–max over rounds) of each time and ratio.
+
+Clock (``"clock"`` in the JSON): with ``--threads 1`` every timing — the kernel, plain torch, the ceilings — is the
+calling thread's CPU time (``time.thread_time()``, ``"thread_cpu"``), which leaves out time spent waiting for a core
+on a loaded machine; a bandwidth measured so is the bandwidth while running. With more threads the work runs on
+threads the calling thread's CPU time does not cover, so the clock is wall time (``"wall"``) and the numbers move
+with the machine's load. The roofline of a cell is
 ``max(FLOPs / GEMM peak(dtype), bytes / bandwidth)`` with that round's ceilings. N is capped so one budget's
 candidates fit ``--max-gib`` (printed per cell).
 """
@@ -38,7 +44,7 @@ from pathlib import Path
 import torch
 
 from metaembed import Budget, fused, maxsim
-from metaembed.bench.ceilings import measure
+from metaembed.bench.ceilings import clock_for, measure
 from metaembed.bench.scoring import GROUP_BOUNDS, index_bytes, time_ms
 from metaembed.index.kernels import maxsim_grouped
 
@@ -59,8 +65,16 @@ def machine() -> dict:
     return info
 
 
-def median_ms(fn, repeats: int, per: int = 1) -> float:
-    return statistics.median(t / per for t in time_ms(fn, repeats))
+CLOCK_NOTES = {
+    "thread_cpu": "the calling thread's CPU time (time.thread_time()): one thread does all the work, and time spent "
+    "waiting for a core is left out",
+    "wall": "wall time (time.perf_counter()): more than one thread works, which one thread's CPU time does not "
+    "cover, so the numbers include time spent waiting for a core on a loaded machine",
+}
+
+
+def median_ms(fn, repeats: int, per: int = 1, clock: str = "wall") -> float:
+    return statistics.median(t / per for t in time_ms(fn, repeats, clock=clock))
 
 
 def torch_peer(q: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -99,8 +113,14 @@ def grouped(
 
 def one_round(args, budgets: list[Budget], record) -> dict:
     load_before = os.getloadavg()
-    ceilings = measure("cpu")
-    state = {"load_before": load_before, "threads": torch.get_num_threads(), "ceilings": ceilings.as_dict()}
+    clock = args.clock
+    ceilings = measure("cpu", clock=clock)
+    state = {
+        "load_before": load_before,
+        "threads": torch.get_num_threads(),
+        "clock": clock,
+        "ceilings": ceilings.as_dict(),
+    }
     print(f"round: load {load_before}, ceilings {ceilings.bandwidth_gbs:.1f} GB/s {ceilings.peak_gflops}", flush=True)
     for d_index, dim in enumerate(args.dims):
         cap = int(args.max_gib * 2**30)
@@ -116,16 +136,18 @@ def one_round(args, budgets: list[Budget], record) -> dict:
             view = [g[:n] for g in groups[:needed]]
             flops = budget.flops(n, dim)
             cell = {"dim": dim, "budget": str(budget), "n": n}
-            ms = median_ms(partial(maxsim_grouped, q1, view, budget), args.repeats)
+            ms = median_ms(partial(maxsim_grouped, q1, view, budget), args.repeats, clock=clock)
             roof = ceilings.roofline_ms(flops, index_bytes(budget, n, dim, "bf16"), "bf16")
             dense = torch.cat(view, dim=1)[:, : budget.r_c].contiguous()
             qr = q1[:, : budget.r_q].to(torch.bfloat16)
-            peer = median_ms(partial(torch_peer, qr, dense), args.repeats)
+            peer = median_ms(partial(torch_peer, qr, dense), args.repeats, clock=clock)
             record("bf16 1q", cell, ms=ms, roofline_ms=roof, torch_ms=peer)
             nb = args.batch
             batch_n = min(n, args.batch_n)
             batch_view = [g[:batch_n] for g in view]
-            ms_b = median_ms(partial(maxsim_grouped, qb, batch_view, budget), max(1, args.repeats // 2), per=nb)
+            ms_b = median_ms(
+                partial(maxsim_grouped, qb, batch_view, budget), max(1, args.repeats // 2), per=nb, clock=clock
+            )
             roof_b = ceilings.roofline_ms(
                 budget.flops(batch_n, dim) * nb, index_bytes(budget, batch_n, dim, "bf16"), "bf16"
             )
@@ -134,7 +156,9 @@ def one_round(args, budgets: list[Budget], record) -> dict:
                 f"bf16 batch {nb}", dict(cell, n=batch_n), ms=ms_b, roofline_ms=roof_b / nb, bf16_peak_share=peak_share
             )
             code_view, scale_view = [g[:n] for g in codes[:needed]], [s[:n] for s in scales[:needed]]
-            ms_i = median_ms(partial(maxsim_grouped, q1, code_view, budget, scale_view), max(1, args.repeats // 2))
+            ms_i = median_ms(
+                partial(maxsim_grouped, q1, code_view, budget, scale_view), max(1, args.repeats // 2), clock=clock
+            )
             roof_i = ceilings.roofline_ms(flops, index_bytes(budget, n, dim, "int8"), "int8")
             record("int8 1q", cell, ms=ms_i, roofline_ms=roof_i, bf16_ms=ms)
             del dense
@@ -153,8 +177,8 @@ def strided(args, budgets: list[Budget], dim: int, record) -> None:
         if budget.r_c == 64:
             continue  # the full tensor is its own dense prefix
         dense = full[:, : budget.r_c].contiguous()
-        ms_full = median_ms(partial(maxsim, q1, full, budget), args.repeats)
-        ms_dense = median_ms(partial(maxsim, q1, dense, budget), args.repeats)
+        ms_full = median_ms(partial(maxsim, q1, full, budget), args.repeats, clock=args.clock)
+        ms_dense = median_ms(partial(maxsim, q1, dense, budget), args.repeats, clock=args.clock)
         record("strided", {"dim": dim, "budget": str(budget), "n": n}, ms=ms_full, dense_ms=ms_dense)
         del dense
     del full
@@ -163,6 +187,8 @@ def strided(args, budgets: list[Budget], dim: int, record) -> None:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.clock = clock_for("cpu")
+    print(f"clock: {args.clock} — {CLOCK_NOTES[args.clock]}", flush=True)
     budgets = Budget.parse_many(args.budgets)
     cells: dict[tuple, dict] = {}
 
@@ -182,6 +208,8 @@ def run(args) -> dict:
         "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "torch": torch.__version__,
+        "clock": args.clock,
+        "clock_note": CLOCK_NOTES[args.clock],
         "rounds": rounds,
         "cells": list(cells.values()),
     }
@@ -195,11 +223,17 @@ def _ratios(cell: dict, top: str, bottom: str) -> tuple[float, float, float]:
     return _summary([a / b for a, b in zip(cell[top], cell[bottom], strict=True)])
 
 
+def _ms(values: list[float], digits: int = 2) -> str:
+    """Median ms and its range over rounds: ``12.30 (11.90–13.10)``."""
+    ms, lo, hi = _summary(values)
+    return f"{ms:,.{digits}f} ({lo:,.{digits}f}–{hi:,.{digits}f})"
+
+
 def _lead(cell: dict, ratio: tuple[float, float, float], digits: int = 2) -> str:
-    """The first cells of a row: D, budget, N, median ms, and a ratio's median (min–max)."""
+    """The first cells of a row: D, budget, N, median ms (min–max), and a ratio's median (min–max)."""
     r, lo, hi = ratio
-    ms = statistics.median(cell["ms"])
-    return f"| {cell['dim']} | {cell['budget']} | {cell['n']:,} | {ms:,.{digits}f} | {r:.2f}× ({lo:.2f}–{hi:.2f}) "
+    ms = _ms(cell["ms"], digits)
+    return f"| {cell['dim']} | {cell['budget']} | {cell['n']:,} | {ms} | {r:.2f}× ({lo:.2f}–{hi:.2f}) "
 
 
 def markdown(result: dict) -> str:
@@ -209,12 +243,15 @@ def markdown(result: dict) -> str:
     bw = [r["ceilings"]["bandwidth_gbs"] for r in result["rounds"]]
     bf16 = [r["ceilings"]["peak_gflops"]["bf16"] for r in result["rounds"]]
     m = result["machine"]
+    note = result.get("clock_note")
+    clock = f"`{result.get('clock', 'wall')}`" + (f", {note}" if note else "")
     out.append(
         f"`{result['command']}` ({result['started_utc']} – {result['finished_utc']}; {m.get('model_name', '?')}, "
         f"family {m.get('cpu_family', '?')} model {m.get('model', '?')}, {', '.join(m.get('extensions', []))}; "
         f"{result['rounds'][0]['threads']} threads; {len(result['rounds'])} rounds; 1-min load average "
         f"{min(loads):.1f}–{max(loads):.1f}; ceilings per round: {', '.join(f'{x:.1f}' for x in bw)} GB/s, "
-        f"bf16 {', '.join(f'{x:,.0f}' for x in bf16)} GFLOP/s). Medians over rounds; ranges are min–max over rounds."
+        f"bf16 {', '.join(f'{x:,.0f}' for x in bf16)} GFLOP/s). Clock: {clock}. "
+        "Medians over rounds; ranges (in brackets) are min–max over rounds."
     )
     by = {}
     for cell in result["cells"]:
@@ -224,8 +261,7 @@ def markdown(result: dict) -> str:
     for c in by.get("bf16 1q", []):
         s, slo, shi = _ratios(c, "torch_ms", "ms")
         out.append(
-            _lead(c, _ratios(c, "ms", "roofline_ms"))
-            + f"| {statistics.median(c['torch_ms']):,.2f} | {s:.2f}× ({slo:.2f}–{shi:.2f}) |"
+            _lead(c, _ratios(c, "ms", "roofline_ms")) + f"| {_ms(c['torch_ms'])} | {s:.2f}× ({slo:.2f}–{shi:.2f}) |"
         )
     batch = [e for e in by if e.startswith("bf16 batch")]
     for engine in batch:
@@ -242,7 +278,7 @@ def markdown(result: dict) -> str:
     out.append("\n| D | budget | N | full (N, 64, D) ms | full / dense prefix | dense prefix ms |")
     out.append("|---|---|---|---|---|---|")
     for c in by.get("strided", []):
-        out.append(_lead(c, _ratios(c, "ms", "dense_ms")) + f"| {statistics.median(c['dense_ms']):,.2f} |")
+        out.append(_lead(c, _ratios(c, "ms", "dense_ms")) + f"| {_ms(c['dense_ms'])} |")
     return "\n".join(out)
 
 

@@ -130,3 +130,25 @@ def test_defaults_are_cpu_sized_and_paper_is_explicit(monkeypatch, capsys):
     assert main(["bench", "scoring", "--paper"]) == 0
     assert seen == [(384, 20_000, None, 10), (384, 100_000, 1000, 10)]
     assert "done in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("threads", "clock"), [(1, "thread_cpu"), (2, "wall")])
+def test_scoring_rows_and_ceilings_say_their_clock(capsys, threads, clock):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        rows = run_json(capsys, "--dim", "16", "--n", "40", "--budgets", "1x1", "--queries", "1", "--repeats", "1",
+                        "--threads", str(threads))  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert rows[0]["clock"] == clock and rows[0]["ceilings"]["clock"] == clock
+
+
+def test_time_ms_reads_the_clock_it_is_given(monkeypatch):
+    from metaembed.bench import ceilings, scoring
+
+    readings = iter([1.0, 1.5, 2.0, 3.0])
+    monkeypatch.setattr(ceilings.time, "thread_time", lambda: next(readings))
+    monkeypatch.setattr(ceilings.time, "perf_counter", lambda: pytest.fail("wall clock read"))
+    assert scoring.time_ms(lambda: None, 2, clock="thread_cpu") == [500.0, 1000.0]

@@ -37,3 +37,75 @@ def test_cuda_without_cuda_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(cl.CeilingError, match="cuda"):
         cl.measure("cuda")
+
+
+@pytest.fixture
+def fake_clocks(monkeypatch):
+    """Both clocks replaced by counters that tick a known amount per reading: which one a timing used shows."""
+    ticks = {"thread_time": 0.0, "perf_counter": 0.0}
+    steps = {"thread_time": 2.0, "perf_counter": 7.0}
+
+    def reader(name):
+        def read() -> float:
+            ticks[name] += steps[name]
+            return ticks[name]
+
+        return read
+
+    monkeypatch.setattr(cl.time, "thread_time", reader("thread_time"))
+    monkeypatch.setattr(cl.time, "perf_counter", reader("perf_counter"))
+    return ticks
+
+
+def test_clock_for_picks_thread_cpu_only_for_one_cpu_thread():
+    assert cl.clock_for("cpu", 1) == "thread_cpu"
+    assert cl.clock_for("cpu", 2) == "wall"
+    assert cl.clock_for("cuda", 1) == "wall"  # the host thread waits for the device
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cl.clock_for("cpu") == "thread_cpu"
+    finally:
+        torch.set_num_threads(threads)
+    assert cl.clock_for("cpu") == ("thread_cpu" if threads == 1 else "wall")
+
+
+def test_timed_reads_the_clock_it_is_given(fake_clocks):
+    calls = []
+    assert cl.timed(lambda: calls.append(1), "thread_cpu") == 2.0
+    assert fake_clocks["perf_counter"] == 0.0
+    assert cl.timed(lambda: calls.append(1), "wall") == 7.0
+    assert fake_clocks["thread_time"] == 4.0 and len(calls) == 2
+    assert cl.timed(lambda: None) == 7.0  # wall by default
+
+
+def test_best_time_and_measure_use_the_clock_and_record_it(fake_clocks):
+    assert cl.best_time(lambda: None, torch.device("cpu"), 3, "thread_cpu") == 2.0
+    assert fake_clocks["perf_counter"] == 0.0
+    c = cl.measure("cpu", bandwidth_bytes=1 << 20, gemm_shape=(16, 16, 16), repeats=1, clock="thread_cpu")
+    assert c.clock == "thread_cpu" and c.as_dict()["clock"] == "thread_cpu"
+    # 1 MiB read in 2 "seconds" of thread time: the bandwidth is computed from that clock
+    assert c.bandwidth_gbs == pytest.approx((1 << 20) / 2.0 / 1e9)
+    assert c.peak_gflops["bf16"] == pytest.approx(2 * 16**3 / 2.0 / 1e9)
+    wall = cl.measure("cpu", bandwidth_bytes=1 << 20, gemm_shape=(16, 16, 16), repeats=1, clock="wall")
+    assert wall.clock == "wall" and wall.bandwidth_gbs == pytest.approx((1 << 20) / 7.0 / 1e9)
+
+
+def test_measure_defaults_to_the_clock_for_its_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cl.measure("cpu", bandwidth_bytes=1 << 20, gemm_shape=(16, 16, 16), repeats=1)
+        torch.set_num_threads(2)
+        two = cl.measure("cpu", bandwidth_bytes=1 << 20, gemm_shape=(16, 16, 16), repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert (one.clock, two.clock) == ("thread_cpu", "wall")
+    assert cl.Ceilings(device="cpu", threads=2, bandwidth_gbs=1.0).clock == "wall"  # stored ceilings without one
+
+
+def test_unknown_clock_or_thread_cpu_on_cuda_is_a_clear_error():
+    with pytest.raises(cl.BenchError, match="allowed: wall, thread_cpu"):
+        cl.timed(lambda: None, "cpu_time")
+    with pytest.raises(cl.BenchError, match="thread_cpu cannot time work on cuda"):
+        cl.timed(lambda: None, "thread_cpu", torch.device("cuda"))

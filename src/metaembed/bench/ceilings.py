@@ -15,6 +15,13 @@ Measured here:
 
 Best-of (not median) because these are ceilings: a kernel timed by its median is then compared
 against the most the machine delivered, which errs against the kernel, never for it.
+
+Clocks: with one CPU thread every timing here (and in :mod:`metaembed.bench.scoring`) is the calling
+thread's CPU time (``time.thread_time()``, clock ``"thread_cpu"``), which leaves out the time the thread
+waited for a core: on a machine shared with other tenants, wall-clock ceilings fall 10–20× and move from
+minute to minute, CPU-time ones stay near the hardware's. A bandwidth by CPU time is the bandwidth while
+running (memory stalls count as CPU time; waits for a core do not). With more threads, or on CUDA, the
+calling thread's CPU time does not cover the work, so the clock is ``"wall"`` (``time.perf_counter()``).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class CeilingError(BenchError):
 
 
 DTYPES = ("fp32", "bf16", "int8")
+CLOCKS = ("wall", "thread_cpu")
+"""``wall``: ``time.perf_counter()``; ``thread_cpu``: ``time.thread_time()``, the calling thread's CPU time."""
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
@@ -76,7 +85,9 @@ class Ceilings:
     peak_gflops: dict[str, float] = field(default_factory=dict)
     """GEMM peak per dtype name ("fp32", "bf16", "int8"), GFLOP/s (int8: GOP/s)."""
     seconds: float = 0.0
-    """How long the measurement took."""
+    """How long the measurement took (wall clock)."""
+    clock: str = "wall"
+    """The clock the ceilings were timed by (one of :data:`CLOCKS`)."""
 
     def peak(self, dtype: str | torch.dtype) -> float:
         """GEMM peak in GFLOP/s for ``dtype``; fp16 has no fast path on CPU and uses the fp32 figure there."""
@@ -102,24 +113,48 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up call, in seconds."""
+def clock_for(device: str | torch.device = "cpu", threads: int | None = None) -> str:
+    """The clock that times work on ``device`` with ``threads`` (default ``torch.get_num_threads()``) honestly.
+
+    ``thread_cpu`` where the calling thread does all the work (CPU, one thread), else ``wall``.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    return "thread_cpu" if torch.device(device).type == "cpu" and threads == 1 else "wall"
+
+
+def _check_clock(clock: str, device: torch.device | None = None) -> None:
+    if clock not in CLOCKS:
+        raise BenchError(f"unknown clock {clock!r}; allowed: {', '.join(CLOCKS)}")
+    if clock == "thread_cpu" and device is not None and device.type != "cpu":
+        raise BenchError(f"clock thread_cpu cannot time work on {device} (the host thread waits); use wall")
+
+
+def timed(fn: Callable[[], object], clock: str = "wall", device: torch.device | None = None) -> float:
+    """Seconds one call of ``fn`` takes by ``clock`` (one of :data:`CLOCKS`); on CUDA, up to a synchronize."""
+    _check_clock(clock, device)
+    now = time.thread_time if clock == "thread_cpu" else time.perf_counter
+    start = now()
+    fn()
+    if device is not None:
+        _synchronize(device)
+    return now() - start
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int, clock: str = "wall") -> float:
+    """Fastest of ``repeats`` calls timed by ``clock`` after one warm-up call, in seconds."""
+    _check_clock(clock, device)
     fn()
     _synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(fn, clock, device) for _ in range(repeats))
 
 
-def measure_bandwidth(device: str | torch.device = "cpu", nbytes: int = 1 << 30, repeats: int = 4) -> float:
+def measure_bandwidth(
+    device: str | torch.device = "cpu", nbytes: int = 1 << 30, repeats: int = 4, clock: str = "wall"
+) -> float:
     """Streaming read bandwidth in GB/s: ``torch.sum`` over an ``nbytes`` fp32 array, best of ``repeats``."""
     device = torch.device(device)
     data = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
-    seconds = best_time(lambda: data.sum(), device, repeats)
+    seconds = best_time(lambda: data.sum(), device, repeats, clock)
     return data.numel() * 4 / seconds / 1e9
 
 
@@ -128,6 +163,7 @@ def measure_gemm_peak(
     device: str | torch.device = "cpu",
     shape: tuple[int, int, int] = (8192, 1024, 1024),
     repeats: int = 3,
+    clock: str = "wall",
 ) -> float:
     """GEMM throughput in GFLOP/s (int8: GOP/s) for an ``(m, k) @ (k, n)`` product, best of ``repeats``.
 
@@ -157,7 +193,7 @@ def measure_gemm_peak(
             torch.matmul(a, b, out=out)
 
     try:
-        seconds = best_time(run, device, repeats)
+        seconds = best_time(run, device, repeats, clock)
     except (RuntimeError, NotImplementedError) as error:
         raise CeilingError(f"{name} GEMM does not run on {device}: {error}") from error
     return 2 * m * k * n / seconds / 1e9
@@ -170,17 +206,23 @@ def measure(
     bandwidth_bytes: int = 1 << 30,
     gemm_shape: tuple[int, int, int] = (8192, 1024, 1024),
     repeats: int = 3,
+    clock: str | None = None,
 ) -> Ceilings:
-    """Measure bandwidth and the GEMM peak of each dtype on ``device`` (dtypes without a fast path are skipped)."""
+    """Measure bandwidth and the GEMM peak of each dtype on ``device`` (dtypes without a fast path are skipped).
+
+    ``clock`` defaults to :func:`clock_for` the device and this process's thread count.
+    """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CeilingError("device cuda requested but torch.cuda.is_available() is False; use --device cpu")
+    clock = clock_for(device) if clock is None else clock
+    _check_clock(clock, device)
     start = time.perf_counter()
-    bandwidth = measure_bandwidth(device, bandwidth_bytes, repeats + 1)
+    bandwidth = measure_bandwidth(device, bandwidth_bytes, repeats + 1, clock)
     peaks: dict[str, float] = {}
     for name in dtypes:
         try:
-            peaks[dtype_name(name)] = measure_gemm_peak(name, device, gemm_shape, repeats)
+            peaks[dtype_name(name)] = measure_gemm_peak(name, device, gemm_shape, repeats, clock)
         except CeilingError:
             if dtype_name(name) != "int8":
                 raise
@@ -190,6 +232,7 @@ def measure(
         bandwidth_gbs=bandwidth,
         peak_gflops=peaks,
         seconds=time.perf_counter() - start,
+        clock=clock,
     )
 
 

@@ -97,7 +97,7 @@ def run_ceilings(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(c.as_dict(), indent=2))
     else:
-        print(f"{c.device}, {c.threads} threads, measured in {c.seconds:.1f} s")
+        print(f"{c.device}, {c.threads} threads, measured in {c.seconds:.1f} s, timed by the {c.clock} clock")
         print(f"streaming read bandwidth: {c.bandwidth_gbs:.1f} GB/s")
         for name, peak in c.peak_gflops.items():
             print(f"{name} GEMM peak: {peak:,.0f} GFLOP/s")

@@ -11,7 +11,9 @@ budget reads only the bytes it needs, through the same kernel the index uses
 * ``index_bytes`` = N·r_c·D·bytes per value (+ N·r_c·4 bytes of fp32 scales for int8);
 * ``roofline_ms`` = max(batch FLOPs / GEMM peak, index bytes / bandwidth) / batch size, with both
   ceilings measured in the same process (:mod:`metaembed.bench.ceilings`): a batch streams the index once;
-* ``ratio`` = latency / roofline (1.0 is the hardware limit).
+* ``ratio`` = latency / roofline (1.0 is the hardware limit);
+* ``clock``: what timed the runs and the ceilings, ``thread_cpu`` (the calling thread's CPU time) on a CPU
+  with one thread, else ``wall`` (:func:`metaembed.bench.ceilings.clock_for`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-from metaembed.bench.ceilings import BenchError, CeilingError, Ceilings, bytes_per_value, dtype_name, measure
+from metaembed.bench.ceilings import (
+    BenchError,
+    CeilingError,
+    Ceilings,
+    bytes_per_value,
+    clock_for,
+    dtype_name,
+    measure,
+    timed,
+)
 from metaembed.budget import Budget
 
 MAX_QUERIES = 1000
@@ -54,6 +64,7 @@ class ScoringRow:
     dtype: str
     device: str
     repeats: int
+    clock: str = "wall"
 
 
 def index_bytes(budget: Budget, n: int, dim: int, dtype: str) -> int:
@@ -123,18 +134,15 @@ def time_ms(
     repeats: int,
     device: torch.device | None = None,
     on_run: Callable[[], object] | None = None,
+    clock: str = "wall",
 ) -> list[float]:
-    """Milliseconds of ``repeats`` calls of ``fn`` after one warm-up call (buffers, kernel selection)."""
+    """Milliseconds of ``repeats`` calls of ``fn`` by ``clock`` after one warm-up call (buffers, kernel selection)."""
     fn()
     if device is not None:
         _sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device is not None:
-            _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(timed(fn, clock, device) * 1e3)
         if on_run is not None:
             on_run()
     return times
@@ -207,8 +215,9 @@ def profile_scoring(
     all_queries = torch.randn(queries or MAX_QUERIES, r_q_max, dim, generator=gen)
     all_queries = torch.nn.functional.normalize(all_queries, dim=-1).to(torch_device)
     groups, scales = random_groups(n, dim, stored, name, torch_device, seed)
+    clock = clock_for(torch_device)
     if ceilings is None:
-        ceilings = measure(torch_device)
+        ceilings = measure(torch_device, clock=clock)
     run_scales = scales if name == "int8" else None
     rows = []
     from tqdm.auto import tqdm
@@ -216,9 +225,10 @@ def profile_scoring(
     bar = tqdm(total=len(budgets) * repeats, desc="bench scoring", unit="run", disable=not progress, mininterval=1)
     for budget in budgets:
         score = functools.partial(maxsim_grouped, groups=groups, budget=budget, scales=run_scales)
-        batch = queries or _fit_queries(score, all_queries, seconds / len(budgets), repeats, torch_device)
+        batch = queries or _fit_queries(score, all_queries, seconds / len(budgets), repeats, torch_device, clock)
         bar.set_postfix_str(f"{budget}, {batch} queries")
-        times = time_ms(functools.partial(score, all_queries[:batch]), repeats, torch_device, on_run=bar.update)
+        run = functools.partial(score, all_queries[:batch])
+        times = time_ms(run, repeats, torch_device, on_run=bar.update, clock=clock)
         per_query = [t / batch for t in times]
         flops = budget.flops(n, dim)
         nbytes = index_bytes(budget, n, dim, name)
@@ -241,6 +251,7 @@ def profile_scoring(
                 dtype=name,
                 device=str(torch_device),
                 repeats=repeats,
+                clock=clock,
             )
         )
     bar.close()
@@ -248,10 +259,15 @@ def profile_scoring(
 
 
 def _fit_queries(
-    score: Callable[[torch.Tensor], object], queries: torch.Tensor, seconds: float, repeats: int, device: torch.device
+    score: Callable[[torch.Tensor], object],
+    queries: torch.Tensor,
+    seconds: float,
+    repeats: int,
+    device: torch.device,
+    clock: str = "wall",
 ) -> int:
     """Queries per batch so that ``repeats`` timed runs take about ``seconds`` (from one timed 1-query call)."""
-    one = max(time_ms(functools.partial(score, queries[:1]), 1, device)[0] / 1e3, 1e-6)
+    one = max(time_ms(functools.partial(score, queries[:1]), 1, device, clock=clock)[0] / 1e3, 1e-6)
     # a batch amortises the index read, so per query it costs at most what one query alone does
     return max(1, min(len(queries), int(seconds / (repeats * one))))
 
@@ -265,7 +281,10 @@ def rows_as_dicts(rows: Sequence[ScoringRow], ceilings: Ceilings | None = None) 
 def markdown_table(rows: Sequence[ScoringRow], ceilings: Ceilings) -> str:
     """A markdown table of the rows, headed by the ceilings they were compared against."""
     peaks = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceilings.peak_gflops.items())
-    head = f"ceilings ({ceilings.device}, {ceilings.threads} threads): bandwidth {ceilings.bandwidth_gbs:.1f} GB/s"
+    head = (
+        f"ceilings ({ceilings.device}, {ceilings.threads} threads, clock {ceilings.clock}): "
+        f"bandwidth {ceilings.bandwidth_gbs:.1f} GB/s"
+    )
     lines = [
         f"{head}; {peaks}",
         "",
