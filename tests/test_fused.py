@@ -243,3 +243,52 @@ def test_batches_of_1_to_32_queries_match_float64(nq, r_q, r_c, n, dim, seed):
     got = fused.fused_scores(queries, grouped_blocks(candidates, r_c))
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
     assert torch.equal(got[-1:], fused.fused_scores(queries[-1:], grouped_blocks(candidates, r_c)))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("nq", "r_q", "r_c", "dim", "threads"),
+    [
+        (1, 16, 64, 384, 1),
+        (1, 2, 4, 47, 1),
+        (1, 1, 1, 33, 2),
+        (2, 3, 13, 101, 2),
+        (1, 8, 16, 200, 1),
+        (4, 16, 64, 9, 3),
+    ],
+)
+def test_a_row_list_scores_as_its_gathered_rows_bit_for_bit(nq, r_q, r_c, dim, threads):
+    """Rows named by an index list, read in place: the scores of the same rows copied out first, bit for bit, and of
+    the float64 definition; unsorted and repeated indices each get their own column. (4 x 16 query vectors x 64
+    item vectors takes the item-at-a-time order.)"""
+    gen = torch.Generator().manual_seed(hash((nq, r_q, r_c, dim)) % 2**31)
+    queries = torch.randn(nq, r_q, dim, generator=gen) * 3
+    candidates = torch.randn(500, 64, dim, generator=gen).to(torch.bfloat16)
+    rows = torch.cat([torch.randperm(500, generator=gen)[:90], torch.tensor([7, 499, 7, 0, 0])])
+    blocks = grouped_blocks(candidates, r_c)
+    gathered = [(v.index_select(0, rows), None) for v, _ in blocks]
+    fused._MIN_PAIRS_PER_THREAD, saved = 1, fused._MIN_PAIRS_PER_THREAD  # split even a short list across threads
+    try:
+        got = fused.fused_scores(queries, blocks, threads=threads, rows=rows)
+        prepared = fused.fused_scores(queries, fused.prepare(blocks), threads=threads, rows=rows)
+    finally:
+        fused._MIN_PAIRS_PER_THREAD = saved
+    assert got.shape == (nq, rows.numel())
+    assert torch.equal(got, fused.fused_scores(queries, gathered)) and torch.equal(prepared, got)
+    expected = reference(queries, candidates[rows], Budget(r_q, r_c))
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=fp32_tolerance(expected, dim))
+    assert torch.equal(got[:, -5], got[:, -3]) and torch.equal(got[:, -2], got[:, -1])
+
+
+@needs_kernel
+def test_a_row_list_out_of_range_or_not_integer_is_refused_before_the_kernel_reads():
+    candidates = torch.randn(20, 8, 16).to(torch.bfloat16)
+    queries, blocks = torch.randn(1, 2, 16), [(candidates, None)]
+    for bad in (torch.tensor([0, 20]), torch.tensor([-1, 3])):
+        with pytest.raises(IndexError, match=r"\[0, 20\)"):
+            fused.fused_scores(queries, blocks, rows=bad)
+    with pytest.raises(TypeError, match="integer"):
+        fused.fused_scores(queries, blocks, rows=torch.tensor([1.0]))
+    assert fused.fused_scores(queries, blocks, rows=torch.tensor([], dtype=torch.long)).shape == (1, 0)
+    assert fused.prepare([(candidates.float(), None)]) is None
+    assert fused.prepare([(candidates, torch.ones(20, 8))]) is None

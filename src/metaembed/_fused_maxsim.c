@@ -138,8 +138,8 @@ TARGET static inline __m512 max_over_rows(__m512 v, const int RT) {
 /* One block of items: fold every stored vector of every block into best[q][item], QT x RT tiles at a time. */
 TARGET static inline __attribute__((always_inline)) void fold_items(
     const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks, const uint16_t *const *bases,
-    const int64_t *takes, const int64_t *item_strides, int64_t first, int64_t count, float *best, int64_t block,
-    const int QT, const int RT, const int ROWS_FIRST) {
+    const int64_t *takes, const int64_t *item_strides, const int64_t *index, int64_t first, int64_t count, float *best,
+    int64_t block, const int QT, const int RT, const int ROWS_FIRST) {
     const uint16_t *query[4];
     const uint16_t *row[16];
     int64_t item[16] = {0};
@@ -151,14 +151,17 @@ TARGET static inline __attribute__((always_inline)) void fold_items(
          * are short runs the hardware prefetcher does not follow across the gap, so the software prefetch is what
          * keeps them near the dense prefix's speed. */
         const int64_t prefetch_rows = ROWS_FIRST ? PREFETCH_ROWS_FIRST : PREFETCH_ROWS_STEPPED;
-        const int64_t ahead = item_strides[b] == take * dim ? prefetch_rows * dim
-                                                             : (prefetch_rows + take - 1) / take * item_strides[b];
+        /* a row list has no fixed distance to the next item's rows: the hardware prefetcher is all it gets */
+        const int64_t ahead = index                         ? 0
+                              : item_strides[b] == take * dim ? prefetch_rows * dim
+                                                              : (prefetch_rows + take - 1) / take * item_strides[b];
         int64_t next_item = 0, next_vector = 0; /* the next row, counted (no divisions in the loop) */
         for (int64_t r0 = 0; r0 < rows; r0 += RT) {
             const int valid_rows = rows - r0 < RT ? (int)(rows - r0) : RT;
             for (int r = 0; r < valid_rows; r++) {
                 item[r] = next_item;
-                row[r] = bases[b] + (first + next_item) * item_strides[b] + next_vector * dim;
+                const int64_t at = index ? index[first + next_item] : first + next_item;
+                row[r] = bases[b] + at * item_strides[b] + next_vector * dim;
                 if (++next_vector == take) next_vector = 0, next_item++;
             }
             for (int r = valid_rows; r < RT; r++) { /* a short last tile repeats a row; its dots are ignored */
@@ -212,7 +215,8 @@ TARGET static inline __attribute__((always_inline)) void fold_items(
  * a single pass over the items. */
 TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks,
                                const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
-                               int64_t first, int64_t count, int64_t available, float *best, int64_t block) {
+                               const int64_t *index, int64_t first, int64_t count, int64_t available, float *best,
+                               int64_t block) {
     int64_t per_item = 0;
     for (int64_t b = 0; b < nblocks; b++) per_item += takes[b];
     const int64_t item_bytes = per_item * dim * (int64_t)sizeof(uint16_t);
@@ -236,8 +240,8 @@ TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, 
                 int64_t r = 0;
                 for (int64_t b = 0; b < nblocks; b++)
                     for (int64_t j = 0; j < takes[b]; j++, r++) {
-                        rows[r] = bases[b] + (first + i) * item_strides[b] + j * dim;
-                        ahead[r] = distance * item_strides[b];
+                        rows[r] = bases[b] + (index ? index[first + i] : first + i) * item_strides[b] + j * dim;
+                        ahead[r] = index ? 0 : distance * item_strides[b];
                     }
                 for (; r < tiles * 4; r++) { /* a repeated vector leaves the max as it is */
                     rows[r] = rows[per_item - 1];
@@ -272,15 +276,17 @@ TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, 
  * out of memory. */
 TARGET static int fold_block(const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks,
                              const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
-                             int64_t first, int64_t count, int64_t available, float *best, int64_t block) {
+                             const int64_t *index, int64_t first, int64_t count, int64_t available, float *best,
+                             int64_t block) {
     int64_t per_item = 0;
     for (int64_t b = 0; b < nblocks; b++) per_item += takes[b];
     if (m >= BY_ITEM_MIN_M && (per_item % 4 == 0 || per_item >= 12)) /* at most 1 in 5 rows a padding repeat */
-        return fold_by_item(queries, m, dim, nblocks, bases, takes, item_strides, first, count, available, best,
-                            block);
+        return fold_by_item(queries, m, dim, nblocks, bases, takes, item_strides, index, first, count, available,
+                            best, block);
     /* tile shapes keep 16 accumulators: one query vector x 16 rows, 2 x 8, or 4 x 4 */
 #define FOLD(QT, RT, ROWS_FIRST) \
-    fold_items(queries, m, dim, nblocks, bases, takes, item_strides, first, count, best, block, QT, RT, ROWS_FIRST)
+    fold_items(queries, m, dim, nblocks, bases, takes, item_strides, index, first, count, best, block, QT, RT, \
+               ROWS_FIRST)
     if (m == 1)
         FOLD(1, 16, 1);
     else if (m <= 3)
@@ -293,11 +299,13 @@ TARGET static int fold_block(const uint16_t *queries, int64_t m, int64_t dim, in
     return 0;
 }
 
-/* Scores of items [lo, hi): scores[query][item] = sum over its r_q vectors of the best dot product.
- * Returns 0, or -1 when m is out of range or memory runs out. */
-TARGET int metaembed_maxsim_bf16(const uint16_t *queries, int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks,
-                                 const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
-                                 int64_t lo, int64_t hi, float *scores, int64_t n) {
+/* Scores of items [lo, hi) -- stored items index[lo..hi) when index is given, else items lo..hi:
+ * scores[query][item] = sum over its r_q vectors of the best dot product. Returns 0, or -1 when m is out of range
+ * or memory runs out. The row list only changes where each item's rows are read: every dot product, max and sum
+ * is the same as for those items gathered into an array of their own, so the scores are bit-identical. */
+TARGET static int maxsim(const uint16_t *queries, int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks,
+                         const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
+                         const int64_t *index, int64_t lo, int64_t hi, float *scores, int64_t n) {
     const int64_t m = nq * r_q;
     if (m < 1 || m > MAX_QUERY_VECTORS) return -1;
     const int64_t fit = BEST_FLOATS / m, block = fit < MIN_BLOCK ? MIN_BLOCK : fit > MAX_BLOCK ? MAX_BLOCK : fit;
@@ -306,7 +314,8 @@ TARGET int metaembed_maxsim_bf16(const uint16_t *queries, int64_t nq, int64_t r_
     for (int64_t first = lo; first < hi; first += block) {
         const int64_t count = hi - first < block ? hi - first : block;
         for (int64_t i = 0; i < m * block; i++) best[i] = -INFINITY;
-        if (fold_block(queries, m, dim, nblocks, bases, takes, item_strides, first, count, hi - first, best, block)) {
+        if (fold_block(queries, m, dim, nblocks, bases, takes, item_strides, index, first, count, hi - first, best,
+                       block)) {
             free(best);
             return -1;
         }
@@ -321,6 +330,22 @@ TARGET int metaembed_maxsim_bf16(const uint16_t *queries, int64_t nq, int64_t r_
     }
     free(best);
     return 0;
+}
+
+TARGET int metaembed_maxsim_bf16(const uint16_t *queries, int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks,
+                                 const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
+                                 int64_t lo, int64_t hi, float *scores, int64_t n) {
+    return maxsim(queries, nq, r_q, dim, nblocks, bases, takes, item_strides, NULL, lo, hi, scores, n);
+}
+
+/* The same for a row list: column i of scores (nq, n) is stored item index[i], for i in [lo, hi) (any order,
+ * repeats allowed; the caller checks every index is in range). Rescoring a shortlist reads its rows where they
+ * lie instead of copying them out first. */
+TARGET int metaembed_maxsim_bf16_rows(const uint16_t *queries, int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks,
+                                      const uint16_t *const *bases, const int64_t *takes,
+                                      const int64_t *item_strides, const int64_t *index, int64_t lo, int64_t hi,
+                                      float *scores, int64_t n) {
+    return maxsim(queries, nq, r_q, dim, nblocks, bases, takes, item_strides, index, lo, hi, scores, n);
 }
 
 static struct PyModuleDef module = {

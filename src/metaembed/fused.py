@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.metaembed_maxsim_bf16.restype = ctypes.c_int
     lib.metaembed_maxsim_bf16.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64]
+    lib.metaembed_maxsim_bf16_rows.restype = ctypes.c_int
+    lib.metaembed_maxsim_bf16_rows.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p, _i64]
     return lib
 
 
@@ -82,7 +85,18 @@ def status() -> str:
     return "in use (AVX512-BF16)"
 
 
-def supports(queries: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+def _readable(blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """bf16 blocks on the CPU, no int8 scales, each item's vectors rows of D contiguous values (items may lie any
+    stride apart): the layout the kernel reads."""
+    for vectors, scale in blocks:
+        if scale is not None or vectors.dtype != torch.bfloat16 or vectors.device.type != "cpu":
+            return False
+        if vectors.stride(2) != 1 or (vectors.shape[1] > 1 and vectors.stride(1) != vectors.shape[2]):
+            return False
+    return True
+
+
+def supports(queries: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]] | Blocks) -> bool:
     """Whether :func:`fused_scores` takes these inputs and is the faster path for them.
 
     bf16 candidate blocks on the CPU, no int8 scales, each item's vectors rows of D contiguous values (items may
@@ -91,22 +105,72 @@ def supports(queries: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tenso
     """
     if queries.device.type != "cpu" or queries.shape[1] > MAX_QUERY_VECTORS:
         return False
-    for vectors, scale in blocks:
-        if scale is not None or vectors.dtype != torch.bfloat16 or vectors.device.type != "cpu":
-            return False
-        if vectors.stride(2) != 1 or (vectors.shape[1] > 1 and vectors.stride(1) != vectors.shape[2]):
-            return False
+    if not isinstance(blocks, Blocks) and not _readable(blocks):
+        return False
     return available()
 
 
+@dataclass(frozen=True, eq=False)
+class Blocks:
+    """Blocks as the kernel reads them, checked and laid out once (see :func:`prepare`)."""
+
+    tensors: tuple[torch.Tensor, ...]  # holds the memory the addresses point into
+    n: int
+    dim: int
+    bases: ctypes.Array
+    takes: ctypes.Array
+    strides: ctypes.Array
+
+
+def prepare(blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Blocks | None:
+    """The kernel's view of ``blocks``, or None where it cannot read them (not bf16 on the CPU, int8 scales, rows
+    not contiguous). Stored groups never move, so a caller that scores them again and again (rescoring a few rows
+    at each level of ``budget="auto"``) prepares them once: the checks and the address arrays cost more than the
+    kernel call on a handful of rows."""
+    if not blocks or not _readable(blocks):
+        return None
+    tensors = tuple(v for v, _ in blocks)
+    return Blocks(
+        tensors,
+        tensors[0].shape[0],
+        tensors[0].shape[2],
+        (ctypes.c_void_p * len(tensors))(*(v.data_ptr() for v in tensors)),
+        (ctypes.c_int64 * len(tensors))(*(v.shape[1] for v in tensors)),
+        (ctypes.c_int64 * len(tensors))(*(v.stride(0) for v in tensors)),
+    )
+
+
+def _check_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``rows`` as the kernel reads them (int64, contiguous, CPU), or an error naming what is wrong: the kernel
+    reads wherever an index points, so an index out of range must never reach it."""
+    if not isinstance(rows, torch.Tensor) or rows.ndim != 1 or rows.dtype.is_floating_point or rows.is_complex():
+        raise TypeError(f"rows must be a 1-D integer tensor of item indices, got {getattr(rows, 'shape', rows)!r}")
+    if rows.device.type != "cpu":
+        raise ValueError(f"rows must be on the CPU (the fused kernel runs there), got {rows.device}")
+    rows = rows.to(torch.int64).contiguous()
+    if rows.numel():
+        values = rows.numpy()
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= n:
+            raise IndexError(f"rows must lie in [0, {n}) (the blocks hold {n} items), got indices {low}..{high}")
+    return rows
+
+
 def fused_scores(
-    queries: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]], threads: int | None = None
+    queries: torch.Tensor,
+    blocks: list[tuple[torch.Tensor, torch.Tensor | None]] | Blocks,
+    threads: int | None = None,
+    *,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(nq, N)`` fp32 MaxSim scores of all ``queries (nq, r_q, D)`` vectors against the blocks' vectors.
 
-    ``blocks`` as in :func:`metaembed.scoring.score_blocks` (bf16, no scales; check :func:`supports` first).
-    Disjoint item ranges run on ``threads`` threads (default ``torch.get_num_threads()``); each range is scored
-    for groups of whole queries of at most :data:`MAX_QUERY_VECTORS` vectors per kernel call.
+    ``blocks`` as in :func:`metaembed.scoring.score_blocks` (bf16, no scales; check :func:`supports` first), or
+    :func:`prepare`'s view of them. With ``rows`` (1-D integer indices into the blocks' items, any order, repeats
+    allowed) only those items are scored, read where they lie: ``(nq, len(rows))`` scores, bit-identical to scoring
+    the blocks' ``index_select(0, rows)`` copies. Disjoint item ranges run on ``threads`` threads (default
+    ``torch.get_num_threads()``); each range is scored for groups of whole queries of at most
+    :data:`MAX_QUERY_VECTORS` vectors per kernel call.
     """
     lib = _library()
     if lib is None:
@@ -114,22 +178,37 @@ def fused_scores(
     nq, r_q, dim = queries.shape
     if r_q > MAX_QUERY_VECTORS:
         raise ValueError(f"the fused kernel takes at most {MAX_QUERY_VECTORS} vectors per query, got {r_q}")
-    n = blocks[0][0].shape[0]
+    view = blocks if isinstance(blocks, Blocks) else prepare(blocks)
+    if view is None:
+        raise ValueError("the fused kernel reads bf16 CPU blocks without scales whose rows are contiguous")
+    if view.dim != dim:
+        raise ValueError(f"queries have D = {dim}, the blocks D = {view.dim}")
+    nblocks, bases, takes, strides = len(view.tensors), view.bases, view.takes, view.strides
     q = queries.reshape(nq * r_q, dim).to(torch.bfloat16).contiguous()
-    bases = (ctypes.c_void_p * len(blocks))(*(v.data_ptr() for v, _ in blocks))
-    takes = (ctypes.c_int64 * len(blocks))(*(v.shape[1] for v, _ in blocks))
-    strides = (ctypes.c_int64 * len(blocks))(*(v.stride(0) for v, _ in blocks))
+    if rows is None:
+        n, index = view.n, None
+    else:
+        index = _check_rows(rows, view.n)
+        n = index.numel()
     scores = torch.empty(nq, n, dtype=torch.float32)
+    if n == 0:
+        return scores
 
     per_call = MAX_QUERY_VECTORS // r_q
 
     def run(lo: int, hi: int) -> None:
         for first in range(0, nq, per_call):
             count = min(per_call, nq - first)
-            code = lib.metaembed_maxsim_bf16(
-                q.data_ptr() + first * r_q * dim * q.element_size(), count, r_q, dim, len(blocks), bases, takes,
-                strides, lo, hi, scores.data_ptr() + first * n * scores.element_size(), n,
-            )  # fmt: skip
+            query = q.data_ptr() + first * r_q * dim * q.element_size()
+            out = scores.data_ptr() + first * n * scores.element_size()
+            if index is None:
+                code = lib.metaembed_maxsim_bf16(
+                    query, count, r_q, dim, nblocks, bases, takes, strides, lo, hi, out, n
+                )  # fmt: skip
+            else:
+                code = lib.metaembed_maxsim_bf16_rows(
+                    query, count, r_q, dim, nblocks, bases, takes, strides, index.data_ptr(), lo, hi, out, n
+                )  # fmt: skip
             if code != 0:
                 raise MemoryError("the fused MaxSim kernel could not allocate its running-max buffer")
 
