@@ -128,3 +128,21 @@ def test_bf16_auto_over_two_segments_scores_as_the_fixed_budgets(tmp_path):
         by_id = dict(zip(every.ids[0], every.scores[0].tolist(), strict=True))
         assert outcome.scores.tolist() == [by_id[f"i{s}"] for s in outcome.rows.tolist()]
         assert sorted(outcome.rows.tolist()) == sorted(slots.tolist())
+
+
+def test_a_bf16_segment_scores_a_row_list_in_place_as_its_copied_rows(tmp_path):
+    """Rescoring reads a bf16 segment's listed rows where they lie (no copy, one kernel view per budget): the scores
+    of the gathered rows, bit for bit, at every budget; a row outside the segment is refused, not read."""
+    from metaembed.index.kernels import maxsim_grouped
+
+    with create_index(tmp_path / "bf", D, 64, dtype="bf16") as ix:
+        ix.add([f"i{j}" for j in range(40)], embeddings(40, 64, D, seed=41))
+        segment = ix.segments[0]
+        q = embeddings(1, 16, D, seed=42).to(torch.bfloat16)
+        rows = torch.tensor([39, 2, 2, 17, 0])
+        for budget in Budget.LADDER:
+            groups, scales = segment.read(budget, rows)
+            assert torch.equal(segment.score(q, budget, rows), maxsim_grouped(q, groups, budget, scales))
+            assert segment.kernel_view(budget) is segment.kernel_view(budget)
+        with pytest.raises(IndexError):
+            segment.score(q, Budget(2, 4), torch.tensor([3, 40]))

@@ -30,11 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from metaembed import fused
 from metaembed.budget import Budget
 from metaembed.index.base import IndexFormatError
 from metaembed.index.layout import TORCH_DTYPE, encode
 from metaembed.index.manifest import segment_files
 from metaembed.index.storage import MappedFile, crc32_file, open_new, tensor_bytes, write_file
+from metaembed.scoring import check_embeddings
 
 # Vector files up to this size are checksummed whenever a process maps them (about 10 ms each); larger ones
 # by ``metaembed index verify`` and before a merge rewrites them.
@@ -72,6 +74,8 @@ class Segment:
     live: torch.Tensor  # (count,) bool; False = tombstoned; never changed in place (a new Segment per snapshot)
     files: list[MappedFile] = field(default_factory=list)  # the mappings behind groups and scales
     bounds: list[int] = field(default_factory=list)  # vector positions of the groups: [0, 1, 4, ..., R_c]
+    # per r_c, the fused kernel's view of the groups that budget reads (None: it cannot read them); see score
+    _kernel_views: dict[int, fused.Blocks | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def with_deleted(self, deleted: Sequence[int]) -> Segment:
         """The same rows with a fresh live mask: a search still holding the old one never sees a delete halfway."""
@@ -114,12 +118,35 @@ class Segment:
                 scales.append(None if scale is None else scale.index_select(0, rows))
         return groups, scales
 
+    def kernel_view(self, budget: Budget) -> fused.Blocks | None:
+        """The fused kernel's view of the groups ``budget`` reads, each cut to the vectors it takes, or None where
+        the kernel cannot read them (not bf16). Made once per ``r_c``: the groups never move."""
+        if budget.r_c not in self._kernel_views:
+            blocks = []
+            for i, group in enumerate(self.groups):
+                if self.bounds[i] >= budget.r_c:
+                    break
+                take = min(group.shape[1], budget.r_c - self.bounds[i])
+                blocks.append((group if take == group.shape[1] else group[:, :take], self.scales[i]))
+            self._kernel_views[budget.r_c] = fused.prepare(blocks)
+        return self._kernel_views[budget.r_c]
+
     def score(self, queries: torch.Tensor, budget: Budget, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Exact MaxSim ``(nq, n_rows)`` of queries against some rows of this segment."""
+        """Exact MaxSim ``(nq, n_rows)`` of queries against some rows of this segment.
+
+        A list of rows of a bf16 segment is read in place by the fused kernel: rescoring a shortlist at each level of
+        ``budget="auto"`` copies no rows out, and its checks and address arrays are made once per budget (the same
+        scores, bit for bit, as scoring a copy of the rows)."""
         from metaembed.index.kernels import maxsim_grouped
 
-        groups, scales = self.read(budget, rows)
-        scores = maxsim_grouped(queries, groups, budget, scales)
+        view = self.kernel_view(budget) if isinstance(rows, torch.Tensor) and queries.device.type == "cpu" else None
+        if view is not None and fused.supports(queries, view):
+            check_embeddings(queries, "queries", dim=view.dim)
+            budget.validate(queries.shape[1], self.bounds[-1])
+            scores = fused.fused_scores(queries[:, : budget.r_q], view, rows=rows)
+        else:
+            groups, scales = self.read(budget, rows)
+            scores = maxsim_grouped(queries, groups, budget, scales)
         # stored vectors and queries are finite (both checked on the way in), so a non-finite score means
         # bytes changed on disk: report it, never rank by it. Checked on a numpy view of the CPU scores: torch's
         # isfinite writes a mask tensor first, and a rescoring of a few rows pays its dispatch on every call.
