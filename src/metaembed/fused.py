@@ -202,9 +202,7 @@ def fused_scores(
             query = q.data_ptr() + first * r_q * dim * q.element_size()
             out = scores.data_ptr() + first * n * scores.element_size()
             if index is None:
-                code = lib.metaembed_maxsim_bf16(
-                    query, count, r_q, dim, nblocks, bases, takes, strides, lo, hi, out, n
-                )  # fmt: skip
+                code = lib.metaembed_maxsim_bf16(query, count, r_q, dim, nblocks, bases, takes, strides, lo, hi, out, n)
             else:
                 code = lib.metaembed_maxsim_bf16_rows(
                     query, count, r_q, dim, nblocks, bases, takes, strides, index.data_ptr(), lo, hi, out, n
