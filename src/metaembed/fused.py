@@ -19,6 +19,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from metaembed.native import load_library
@@ -148,11 +149,10 @@ def _check_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
     if rows.device.type != "cpu":
         raise ValueError(f"rows must be on the CPU (the fused kernel runs there), got {rows.device}")
     rows = rows.to(torch.int64).contiguous()
-    if rows.numel():
-        values = rows.numpy()
+    values = rows.numpy()
+    if values.size and values.view(np.uint64).max() >= n:  # one pass: a negative index reads as a huge one
         low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= n:
-            raise IndexError(f"rows must lie in [0, {n}) (the blocks hold {n} items), got indices {low}..{high}")
+        raise IndexError(f"rows must lie in [0, {n}) (the blocks hold {n} items), got indices {low}..{high}")
     return rows
 
 

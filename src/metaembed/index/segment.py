@@ -143,7 +143,8 @@ class Segment:
         if view is not None and fused.supports(queries, view):
             check_embeddings(queries, "queries", dim=view.dim)
             budget.validate(queries.shape[1], self.bounds[-1])
-            scores = fused.fused_scores(queries[:, : budget.r_q], view, rows=rows)
+            # narrow, not a slice: tensor indexing costs several microseconds a call, a tenth of a small rescoring
+            scores = fused.fused_scores(queries.narrow(1, 0, budget.r_q), view, rows=rows)
         else:
             groups, scales = self.read(budget, rows)
             scores = maxsim_grouped(queries, groups, budget, scales)
