@@ -174,7 +174,9 @@ def run_soak(model_dir: Path, workdir: Path, clients: int = CLIENTS, seconds: fl
         _wait_healthy(url, server)
         load_before = os.getloadavg()
         command = [sys.executable, str(FLOOD_CLIENT), url, str(clients // PROCESSES), str(seconds)]
-        floods = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(PROCESSES)]
+        # each flood's report goes to a file: a pipe read only after the flood exits would fill (64 KiB) and block it
+        outputs = [open(workdir / f"flood-{i}.json", "w+") for i in range(PROCESSES)]  # noqa: SIM115 (closed below)
+        floods = [subprocess.Popen(command, stdout=out, text=True) for out in outputs]
         server_threads, loads = [], []
         time.sleep(3)  # let the flood build up
         stop = threading.Event()
@@ -188,7 +190,12 @@ def run_soak(model_dir: Path, workdir: Path, clients: int = CLIENTS, seconds: fl
             loop_after, cpu_after, window = schedstat(server.pid), cpu_s(server.pid), time.monotonic() - window_start
             stop.set()
             sampled = {name: future.result() for name, future in running.items()}
-        flooded = [json.loads(flood.communicate(timeout=120)[0]) for flood in floods]
+        flooded = []
+        for flood, out in zip(floods, outputs, strict=True):
+            flood.wait(120)
+            out.seek(0)
+            flooded.append(json.loads(out.read()))
+            out.close()
         with httpx.Client(timeout=60) as client:
             after = [client.post(url + "/v1/embeddings", json={"input": ["after"]}).status_code for _ in range(5)]
             for query, budget in AFTER_SEARCHES:
