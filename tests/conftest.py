@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +63,31 @@ def tiny_checkpoint(tiny_backbone, tmp_path_factory):
     torch.manual_seed(0)
     model = MetaEmbedModel.from_backbone(tiny_backbone("qwen2_vl"))
     return model.save_pretrained(tmp_path_factory.mktemp("checkpoint") / "tiny")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script("kernel_claims")``: a script under benchmarks/ imported as a module (not a package)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def assert_rendered_in():
+    """``assert_rendered_in(rendered, "docs/kernels.md")``: every non-blank line a benchmark renders is in the doc."""
+
+    def check(rendered: str, doc: str) -> None:
+        lines = (ROOT / doc).read_text().splitlines()
+        missing = [line for line in rendered.splitlines() if line.strip() and line not in lines]
+        assert not missing, f"{doc} lacks {len(missing)} rendered lines, e.g. {missing[0]!r}"
+
+    return check

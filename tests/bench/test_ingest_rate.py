@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("ingest_rate", ROOT / "benchmarks" / "ingest_rate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_docs_table_is_the_stored_record_rendered():
+def test_the_docs_table_is_the_stored_record_rendered(benchmark_script, assert_rendered_in):
     record = json.loads((ROOT / "docs" / "bench" / "ingest-rate.json").read_text())
-    rendered = _bench_module().table(record)
-    docs = (ROOT / "docs" / "search.md").read_text().splitlines()
-    missing = [line for line in rendered.splitlines() if line.strip() and line not in docs]
-    assert not missing, f"docs/search.md lacks {len(missing)} rendered lines, e.g. {missing[0]!r}"
+    assert_rendered_in(benchmark_script("ingest_rate").table(record), "docs/search.md")
     assert record["added"] == record["listed"] - record["bad"] > 0
     assert record["torch_threads"] >= 1 and len(record["load_average_before"]) == 3
     assert record["encode"]["items_per_s"] > 0 and record["index_writes"]["items_per_s"] > 0
     assert record["disk_bytes"] > 0 and record["started_utc"] < record["finished_utc"]
 
 
-def test_the_table_is_rewritten_between_its_markers(tmp_path):
-    module = _bench_module()
+def test_the_table_is_rewritten_between_its_markers(tmp_path, benchmark_script):
+    module = benchmark_script("ingest_rate")
     record = json.loads((ROOT / "docs" / "bench" / "ingest-rate.json").read_text())
     doc = tmp_path / "search.md"
     doc.write_text(f"before\n{module.TABLE_START}\nstale | row\n{module.TABLE_END}\nafter\n")

@@ -10,27 +10,19 @@ the same report to docs/bench/serve-soak.json (docs/serve.md has the numbers of 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_soak.py"
 STARVED = 0.5  # share of the flood the server's event loop waited for a CPU beyond which latency says nothing
 
 
-def _soak_module():
-    spec = importlib.util.spec_from_file_location("serve_soak", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_a_flood_without_a_key_gets_fast_503s_while_health_and_keyed_writes_stay_responsive(serve_model, tmp_path):
+def test_a_flood_without_a_key_gets_fast_503s_while_health_and_keyed_writes_stay_responsive(
+    serve_model, tmp_path, benchmark_script
+):
     serve_model.save_pretrained(tmp_path / "ckpt")
-    report = _soak_module().run_soak(tmp_path / "ckpt", tmp_path)
+    report = benchmark_script("serve_soak").run_soak(tmp_path / "ckpt", tmp_path)
     print(json.dumps(report, indent=1))
     routes, errors = report["routes"], report["errors"]
     statuses = {name: set(stats["by_status"]) for name, stats in routes.items()}
