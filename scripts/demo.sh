@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 began=$SECONDS
 lap() { echo "demo: $1 after $(( (SECONDS - began) / 60 )) min $(( (SECONDS - began) % 60 )) s"; }
-echo "demo: a first run on a busy 2-core CPU takes about 18 min: setup 6 (.venv 2.4 GB), data 2.5 (data/ 0.8 GB),"
-echo "demo: then the two demos 3 + 6; a rerun skips what exists and takes the demos' 9 min only"
+echo "demo: a first run on a quiet 2-core CPU takes about 5 min: setup 1.5 (.venv 2.4 GB), data 1 (data/ 0.8 GB),"
+echo "demo: then the two demos 1 + 2; on a busy machine 3-4 times that; a rerun skips setup and data"
 make --no-print-directory setup
 lap "setup done"
 make --no-print-directory data
