@@ -104,12 +104,17 @@ class Segment:
                     "(metaembed index verify lists every damaged file)"
                 )
 
+    def _groups_read_by(self, budget: Budget):
+        """(first vector position, group, scale) of each group ``budget`` reads; later groups are never touched."""
+        for start, group, scale in zip(self.bounds, self.groups, self.scales, strict=False):
+            if start >= budget.r_c:
+                return
+            yield start, group, scale
+
     def read(self, budget: Budget, rows: slice | torch.Tensor):
         """The groups (and scales) a budget reads, restricted to ``rows``; later groups are never touched."""
         groups, scales = [], []
-        for i, (group, scale) in enumerate(zip(self.groups, self.scales, strict=True)):
-            if self.bounds[i] >= budget.r_c:
-                break
+        for _, group, scale in self._groups_read_by(budget):
             if isinstance(rows, slice):
                 groups.append(group[rows])
                 scales.append(None if scale is None else scale[rows])
@@ -123,11 +128,9 @@ class Segment:
         the kernel cannot read them (not bf16). Made once per ``r_c``: the groups never move."""
         if budget.r_c not in self._kernel_views:
             blocks = []
-            for i, group in enumerate(self.groups):
-                if self.bounds[i] >= budget.r_c:
-                    break
-                take = min(group.shape[1], budget.r_c - self.bounds[i])
-                blocks.append((group if take == group.shape[1] else group[:, :take], self.scales[i]))
+            for start, group, scale in self._groups_read_by(budget):
+                take = min(group.shape[1], budget.r_c - start)
+                blocks.append((group if take == group.shape[1] else group[:, :take], scale))
             self._kernel_views[budget.r_c] = fused.prepare(blocks)
         return self._kernel_views[budget.r_c]
 
