@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from metaembed import Budget, fused, maxsim
 from metaembed.index.kernels import maxsim_grouped
+from metaembed.quantize import quantize_int8, round_trip_int8
 from metaembed.scoring import score_blocks
 
 
@@ -292,3 +293,102 @@ def test_a_row_list_out_of_range_or_not_integer_is_refused_before_the_kernel_rea
     assert fused.fused_scores(queries, blocks, rows=torch.tensor([], dtype=torch.long)).shape == (1, 0)
     assert fused.prepare([(candidates.float(), None)]) is None
     assert fused.prepare([(candidates, torch.ones(20, 8))]) is None
+
+
+# int8: stored codes with per-vector scales, the query quantised the same way (metaembed.quantize).
+
+
+def int8_blocks(candidates: torch.Tensor, r_c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The index's int8 layout: codes and fp32 scales per prefix group, each sliced to the vectors the budget takes."""
+    codes, scale = quantize_int8(candidates)
+    return [
+        (codes[:, a:b].contiguous()[:, : min(b, r_c) - a], scale[:, a:b].contiguous()[:, : min(b, r_c) - a])
+        for a, b in itertools.pairwise(BOUNDS)
+        if a < r_c
+    ]
+
+
+def int8_reference(queries: torch.Tensor, candidates: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """sum_i max_j <q_i, c_j> in float64 on the quantised-then-dequantised query and candidates."""
+    q = round_trip_int8(queries[:, : budget.r_q]).double()
+    c = round_trip_int8(candidates[:, : budget.r_c]).double()
+    return torch.einsum("qid,njd->qnij", q, c).amax(dim=3).sum(dim=2)
+
+
+def int8_tolerance(expected: torch.Tensor) -> float:
+    # the integer dot products are exact: one rounding each to fp32 when converted, scaled and summed
+    return float(expected.abs().max()) * 2**-20 + 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("budget", Budget.LADDER, ids=str)
+@pytest.mark.parametrize(("nq", "n", "dim"), [(1, 1, 32), (1, 1000, 384), (2, 257, 100), (3, 700, 47), (1, 50, 2048)])
+def test_int8_every_ladder_budget_matches_float64_and_the_query_rounding_bound(budget, nq, n, dim):
+    gen = torch.Generator().manual_seed(hash(("int8", str(budget), nq, n, dim)) % 2**31)
+    queries = torch.randn(nq, 16, dim, generator=gen) * 2
+    candidates = torch.randn(n, 64, dim, generator=gen)
+    blocks = int8_blocks(candidates, budget.r_c)
+    assert fused.supports(queries, blocks)
+    got = fused.fused_scores(queries[:, : budget.r_q], blocks)
+    expected = int8_reference(queries, candidates, budget)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=int8_tolerance(expected))
+    # against the unrounded query: each query vector's max moves by at most scale_q / 2 * max_j sum_d |c_jd|
+    c = round_trip_int8(candidates[:, : budget.r_c]).double()
+    exact_query = torch.einsum("qid,njd->qnij", queries[:, : budget.r_q].double(), c).amax(dim=3).sum(dim=2)
+    _, q_scale = quantize_int8(queries[:, : budget.r_q])
+    bound = torch.einsum("qi,n->qn", q_scale.double() / 2, c.abs().sum(dim=2).amax(dim=1))
+    assert ((got.double() - exact_query).abs() <= bound + int8_tolerance(expected)).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [8, 100, 384, 2048])
+@pytest.mark.parametrize("r_q", [1, 2, 3, 5, 16])
+def test_int8_a_query_scores_bit_identically_alone_in_any_batch_thread_split_and_row_list(r_q, dim):
+    gen = torch.Generator().manual_seed(r_q * 1000 + dim)
+    queries = torch.randn(70, r_q, dim, generator=gen)
+    candidates = torch.randn(37, 64, dim, generator=gen)
+    blocks = int8_blocks(candidates, 13)
+    batch = fused.fused_scores(queries, blocks, threads=1)
+    assert torch.equal(batch, fused.fused_scores(queries, blocks, threads=2))
+    for i in (0, 33, 69):
+        assert torch.equal(batch[i : i + 1], fused.fused_scores(queries[i : i + 1], blocks))
+    for b in (2, 64):
+        assert torch.equal(batch[:b], fused.fused_scores(queries[:b], blocks))
+    rows = torch.tensor([36, 0, 5, 5, 17])
+    gathered = [(v.index_select(0, rows), s.index_select(0, rows)) for v, s in blocks]
+    assert torch.equal(fused.fused_scores(queries, blocks, rows=rows), fused.fused_scores(queries, gathered))
+    expected = int8_reference(queries, candidates, Budget(r_q, 13))
+    torch.testing.assert_close(batch.double(), expected, rtol=0, atol=int8_tolerance(expected))
+
+
+@needs_kernel
+def test_int8_a_budget_of_full_codes_reads_them_in_place_and_an_index_scores_with_the_kernel(tmp_path):
+    from metaembed.index import create_index
+
+    gen = torch.Generator().manual_seed(5)
+    queries, candidates = torch.randn(2, 16, 96, generator=gen), torch.randn(120, 64, 96, generator=gen)
+    codes, scale = quantize_int8(candidates)
+    with create_index(tmp_path / "ix", 96, 64, dtype="int8") as ix:
+        ix.add([str(i) for i in range(120)], candidates)
+        for budget in Budget.LADDER:
+            prefix = [(codes[:, : budget.r_c], scale[:, : budget.r_c])]  # items 64 rows apart: no copy
+            got = fused.fused_scores(queries[:, : budget.r_q], prefix)
+            dense = [(codes[:, : budget.r_c].contiguous(), scale[:, : budget.r_c].contiguous())]
+            assert torch.equal(got, fused.fused_scores(queries[:, : budget.r_q], dense))
+            assert ix._segments[0].kernel_view(budget).int8  # a shortlist's rescoring reads int8 rows in place
+            found = ix.search(queries, budget, k=5)
+            top = got.topk(5, dim=1)
+            assert found.ids == [[str(i) for i in row] for row in top.indices.tolist()]
+            torch.testing.assert_close(found.scores, top.values, rtol=0, atol=int8_tolerance(top.values))
+
+
+@needs_kernel
+def test_int8_blocks_it_does_not_take():
+    codes, scale = quantize_int8(torch.randn(10, 8, 32))
+    bf16 = torch.randn(10, 8, 32).to(torch.bfloat16)
+    q = torch.randn(1, 4, 32)
+    assert fused.supports(q, [(codes, scale)])
+    assert not fused.supports(q, [(codes, None)])  # codes without scales
+    assert not fused.supports(q, [(codes, scale.double())])
+    assert not fused.supports(q, [(codes, scale[:, :4])])  # scales of another shape
+    assert not fused.supports(q, [(bf16[:, :1], None), (codes[:, 1:], scale[:, 1:])])  # bf16 and int8 mixed

@@ -1,12 +1,21 @@
 /*
- * Fused exact MaxSim for bf16 candidates on CPUs with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and
- * later, AMD Zen 4 / Zen 5).
+ * Fused exact MaxSim for bf16 or int8 candidates on CPUs with AVX512-BF16 and AVX512-VNNI (Intel Cooper Lake /
+ * Sapphire Rapids and later, AMD Zen 4 / Zen 5).
  *
  * Why it exists: one query (1-16 vectors) against N stored items is a GEMM with a tiny side. Library GEMMs
  * stream the big side at a fraction of the memory bandwidth for such shapes and write an (N*r_c, r_q)
  * similarity block that is read back for the max. This kernel reads each candidate vector once, takes
- * dot products against all query vectors while the vector is in registers/L1 (fp32 accumulation with
- * VDPBF16PS), and folds them into the running max per item and query vector straight away.
+ * dot products against all query vectors while the vector is in registers/L1, and folds them into the running
+ * max per item and query vector straight away.
+ *
+ * Two element types, one loop structure (every load is 64 bytes: 32 bf16 values or 64 int8 codes):
+ * - bf16: VDPBF16PS, fp32 accumulation.
+ * - int8: the stored codes (per-vector scale s_c, x ~ code * s_c) against the query quantised per vector to int8
+ *   codes (scale s_q). VPDPBUSD multiplies unsigned by signed bytes, so each candidate byte is flipped to
+ *   code + 128 (an XOR with 0x80) and 128 * sum(query codes) -- computed once per query vector by the caller -- is
+ *   taken off again: the dot product of the codes is exact in int32. Then s_c is applied per candidate vector
+ *   before the max over an item's vectors, and s_q to each query vector's max (s_q > 0 leaves the max alone).
+ *   Half the bytes of bf16 and twice the multiply-adds per instruction.
  *
  * Two loop orders: fold_items streams each block of stored vectors in turn (up to a few queries: memory-bound, and
  * the long sequential reads keep it near the bandwidth), fold_by_item takes items one at a time with running maxima
@@ -14,12 +23,13 @@
  *
  * Every dot product is accumulated in the same order whatever the tile shape (the lanes of one accumulator, then
  * the same reduction tree in sum16), so a query scores bit-identically alone and inside any batch: scoring runs
- * every bf16 batch through this kernel for that reason, not only one query.
+ * every bf16 / int8 batch through this kernel for that reason, not only one query.
  *
- * Layout (the index's "vector-major" groups): a block b holds, for every item i, takes[b] vectors of D bf16
- * values at bases[b] + i * item_strides[b] + j * D (j < takes[b]). Queries are m = nq * r_q contiguous
- * vectors of D bf16 values. scores is (nq, n) fp32, row stride n. Items [lo, hi) are scored by one call;
- * the Python side runs disjoint ranges on several threads (ctypes releases the GIL).
+ * Layout (the index's "vector-major" groups): a block b holds, for every item i, takes[b] vectors of D values at
+ * bases[b] + (i * item_strides[b] + j * D) elements (j < takes[b]); int8 blocks have their scales at
+ * scale_bases[b] + i * scale_strides[b] + j. Queries are m = nq * r_q contiguous vectors of D values. scores is
+ * (nq, n) fp32, row stride n. Items [lo, hi) are scored by one call; the Python side runs disjoint ranges on
+ * several threads (ctypes releases the GIL).
  *
  * Built by setup.py as an optional extension module; it exports plain C functions that metaembed.fused
  * loads with ctypes. No CPython API is used beyond the empty module the import machinery needs.
@@ -31,7 +41,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")))
 /* Items scored together: their running maxima (m per item) fill about 32 KB, so they stay in L1 while the items'
  * vectors stream by; more items per block means fewer restarts of each group's stream. */
 #define BEST_FLOATS 8192
@@ -57,72 +67,107 @@
 #define PREFETCH_ITEM_BYTES 4096
 #define BY_ITEM_MIN_M 64
 
-/* 1 when this CPU and OS run AVX512-BF16 (libgcc checks the OS saves the zmm state). */
+/* 1 when this CPU and OS run AVX512-BF16 and AVX512-VNNI (libgcc checks the OS saves the zmm state). */
 int metaembed_fused_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512bf16");
+           __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* What one kernel call reads: the query vectors and the stored blocks (see the layout above). */
+struct source {
+    const char *queries;             /* m vectors of dim values: bf16, or int8 codes */
+    const int32_t *query_offsets;    /* int8: 128 * the sum of each query vector's codes */
+    const float *query_scales;       /* int8: each query vector's scale */
+    int64_t m, dim, nblocks;
+    const char *const *bases;
+    const float *const *scale_bases; /* int8: per block, the per-vector scales */
+    const int64_t *takes, *item_strides, *scale_strides;
+    const int64_t *index; /* NULL, or the stored item of each scored column */
+};
+
+/* Lane-wise a + b: fp32, or int32 for int8's exact integer dot products (kept in __m512 registers). */
+TARGET static inline __m512 add(__m512 a, __m512 b, const int I8) {
+    return I8 ? _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)))
+              : _mm512_add_ps(a, b);
 }
 
 /* Sixteen horizontal sums at once: lane L of the result is the sum of the lanes of a[4 * (L % 4) + L / 4].
  * (Two rounds of 128-bit block shuffles, then a 4x4 transpose inside each block: 45 instructions instead of
  * sixteen separate reductions.) */
-TARGET static inline __m512 sum16(const __m512 a[16]) {
+TARGET static inline __m512 sum16(const __m512 a[16], const int I8) {
     __m512 s1[8], s2[4];
     for (int j = 0; j < 8; j++)
-        s1[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
-                              _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE));
+        s1[j] = add(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
+                    _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE), I8);
     for (int j = 0; j < 4; j++)
-        s2[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0x88),
-                              _mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0xDD));
-    __m512 u0 = _mm512_add_ps(_mm512_unpacklo_ps(s2[0], s2[1]), _mm512_unpackhi_ps(s2[0], s2[1]));
-    __m512 u1 = _mm512_add_ps(_mm512_unpacklo_ps(s2[2], s2[3]), _mm512_unpackhi_ps(s2[2], s2[3]));
-    return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)));
+        s2[j] = add(_mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0x88),
+                    _mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0xDD), I8);
+    __m512 u0 = add(_mm512_unpacklo_ps(s2[0], s2[1]), _mm512_unpackhi_ps(s2[0], s2[1]), I8);
+    __m512 u1 = add(_mm512_unpacklo_ps(s2[2], s2[3]), _mm512_unpackhi_ps(s2[2], s2[3]), I8);
+    return add(_mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)),
+               I8);
 }
 
-/* Lane q * RT + r = <query q, candidate row r> for a QT x RT tile (QT * RT = 16), fp32 accumulation.
- * ahead > 0: also prefetch each row's line that many elements further on (the same row of a later tile).
- * ROWS_FIRST: read each row front to back before the next (one memory stream at a time: ~1.5x the bandwidth
- * when there is little arithmetic per byte); otherwise step all rows together through D (each query load
+/* 64 bytes of a stored row as the dot product reads them: int8 codes flipped to code + 128 for VPDPBUSD. */
+TARGET static inline __m512i row_bytes(__m512i raw, const int I8) {
+    return I8 ? _mm512_xor_si512(raw, _mm512_set1_epi8((char)0x80)) : raw;
+}
+
+/* acc + the dot products of 64 bytes of a query vector and of a row, lane by lane. */
+TARGET static inline __m512 dot64(__m512 acc, __m512i query, __m512i row, const int I8) {
+    return I8 ? _mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(acc), row, query))
+              : _mm512_dpbf16_ps(acc, (__m512bh)query, (__m512bh)row);
+}
+
+/* Lane q * RT + r = <query q, candidate row r> for a QT x RT tile (QT * RT = 16): fp32 for bf16; for int8 the exact
+ * integer dot product less offsets (lane-wise), converted and scaled by row_scales (lane-wise) -- the caller's
+ * vectors for this tile's lanes. ahead > 0: also prefetch each row's line that many bytes further on (the same row
+ * of a later tile). ROWS_FIRST: read each row front to back before the next (one memory stream at a time: ~1.5x the
+ * bandwidth when there is little arithmetic per byte); otherwise step all rows together through D (each query load
  * feeds RT dot products: ~2x the arithmetic rate when there are many query vectors). */
-TARGET static inline __attribute__((always_inline)) __m512 tile(const uint16_t *const *query,
-                                                                const uint16_t *const *row, int64_t dim, const int QT,
-                                                                const int RT, int64_t ahead, const int ROWS_FIRST) {
+TARGET static inline __attribute__((always_inline)) __m512 tile(const char *const *query, const char *const *row,
+                                                                int64_t bytes, const int QT, const int RT,
+                                                                int64_t ahead, const int ROWS_FIRST, const int I8,
+                                                                __m512i offsets, __m512 row_scales) {
     __m512 acc[16];
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-    const int64_t full = dim & ~(int64_t)31;
+    const int64_t full = bytes & ~(int64_t)63;
     if (ROWS_FIRST) {
         for (int r = 0; r < RT; r++)
-            for (int64_t k = 0; k < full; k += 32) {
-                if (ahead) _mm_prefetch((const char *)(row[r] + k + ahead), _MM_HINT_T0);
-                __m512bh c = (__m512bh)_mm512_loadu_si512(row[r] + k);
+            for (int64_t k = 0; k < full; k += 64) {
+                if (ahead) _mm_prefetch(row[r] + k + ahead, _MM_HINT_T0);
+                __m512i c = row_bytes(_mm512_loadu_si512(row[r] + k), I8);
                 for (int a = 0; a < QT; a++)
-                    acc[a * RT + r] = _mm512_dpbf16_ps(acc[a * RT + r], (__m512bh)_mm512_loadu_si512(query[a] + k), c);
+                    acc[a * RT + r] = dot64(acc[a * RT + r], _mm512_loadu_si512(query[a] + k), c, I8);
             }
     }
     int64_t k = ROWS_FIRST ? full : 0;
-    for (; k + 32 <= dim; k += 32) {
-        __m512bh q[4];
-        for (int a = 0; a < QT; a++) q[a] = (__m512bh)_mm512_loadu_si512(query[a] + k);
+    for (; k + 64 <= bytes; k += 64) {
+        __m512i q[4];
+        for (int a = 0; a < QT; a++) q[a] = _mm512_loadu_si512(query[a] + k);
         for (int r = 0; r < RT; r++) {
-            if (ahead) _mm_prefetch((const char *)(row[r] + k + ahead), _MM_HINT_T0);
-            __m512bh c = (__m512bh)_mm512_loadu_si512(row[r] + k);
-            for (int a = 0; a < QT; a++) acc[a * RT + r] = _mm512_dpbf16_ps(acc[a * RT + r], q[a], c);
+            if (ahead) _mm_prefetch(row[r] + k + ahead, _MM_HINT_T0);
+            __m512i c = row_bytes(_mm512_loadu_si512(row[r] + k), I8);
+            for (int a = 0; a < QT; a++) acc[a * RT + r] = dot64(acc[a * RT + r], q[a], c, I8);
         }
     }
-    if (k < dim) { /* D not a multiple of 32: masked loads read zeros past the end */
-        __mmask32 mask = (__mmask32)((1ull << (dim - k)) - 1);
-        __m512bh q[4];
-        for (int a = 0; a < QT; a++) q[a] = (__m512bh)_mm512_maskz_loadu_epi16(mask, query[a] + k);
+    if (k < bytes) { /* D not a multiple of 64 bytes: masked loads read zeros past the end (a zero query byte
+                        cancels int8's flipped row byte) */
+        __mmask64 mask = (__mmask64)((1ull << (bytes - k)) - 1);
+        __m512i q[4];
+        for (int a = 0; a < QT; a++) q[a] = _mm512_maskz_loadu_epi8(mask, query[a] + k);
         for (int r = 0; r < RT; r++) {
-            __m512bh c = (__m512bh)_mm512_maskz_loadu_epi16(mask, row[r] + k);
-            for (int a = 0; a < QT; a++) acc[a * RT + r] = _mm512_dpbf16_ps(acc[a * RT + r], q[a], c);
+            __m512i c = row_bytes(_mm512_maskz_loadu_epi8(mask, row[r] + k), I8);
+            for (int a = 0; a < QT; a++) acc[a * RT + r] = dot64(acc[a * RT + r], q[a], c, I8);
         }
     }
     __m512 ordered[16]; /* so that lane L of sum16's result is acc[L] */
     for (int L = 0; L < 16; L++) ordered[4 * (L % 4) + L / 4] = acc[L];
-    return sum16(ordered);
+    const __m512 sums = sum16(ordered, I8);
+    if (!I8) return sums;
+    const __m512i dots = _mm512_sub_epi32(_mm512_castps_si512(sums), offsets);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(dots), row_scales);
 }
 
 /* Every lane becomes the max of its run of RT consecutive lanes (RT = 4, 8 or 16): a tile whose rows all
@@ -135,43 +180,75 @@ TARGET static inline __m512 max_over_rows(__m512 v, const int RT) {
     return v;
 }
 
+/* int8: lane a * RT + r of a tile gets the offset of its query vector a (of those from first, the last valid one
+ * repeated) and the scale of its row r (one of RT). */
+TARGET static inline __m512i tile_offsets(const int32_t *offsets, int valid, const int RT) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i a = _mm512_min_epi32(_mm512_srli_epi32(lane, __builtin_ctz(RT)), _mm512_set1_epi32(valid - 1));
+    return _mm512_permutexvar_epi32(a, _mm512_maskz_loadu_epi32((__mmask16)((1u << valid) - 1), offsets));
+}
+
+TARGET static inline __m512 tile_scales(const float *scales, const int RT) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i r = _mm512_and_si512(lane, _mm512_set1_epi32(RT - 1));
+    return _mm512_permutexvar_ps(r, _mm512_maskz_loadu_ps((__mmask16)((1u << RT) - 1), scales));
+}
+
+/* Where stored vector j of item i of block b lies, and its scale (int8). */
+static inline const char *row_at(const struct source *s, int64_t b, int64_t i, int64_t j, int64_t size) {
+    const int64_t at = s->index ? s->index[i] : i;
+    return s->bases[b] + (at * s->item_strides[b] + j * s->dim) * size;
+}
+
+static inline float scale_at(const struct source *s, int64_t b, int64_t i, int64_t j) {
+    const int64_t at = s->index ? s->index[i] : i;
+    return s->scale_bases[b][at * s->scale_strides[b] + j];
+}
+
 /* One block of items: fold every stored vector of every block into best[q][item], QT x RT tiles at a time. */
-TARGET static inline __attribute__((always_inline)) void fold_items(
-    const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks, const uint16_t *const *bases,
-    const int64_t *takes, const int64_t *item_strides, const int64_t *index, int64_t first, int64_t count, float *best,
-    int64_t block, const int QT, const int RT, const int ROWS_FIRST) {
-    const uint16_t *query[4];
-    const uint16_t *row[16];
+TARGET static inline __attribute__((always_inline)) void fold_items(const struct source *s, int64_t first,
+                                                                    int64_t count, float *best, int64_t block,
+                                                                    const int QT, const int RT, const int ROWS_FIRST,
+                                                                    const int I8) {
+    const int64_t size = I8 ? 1 : 2, m = s->m, dim = s->dim;
+    const char *query[4];
+    const char *row[16];
+    float scales[16] = {0};
     int64_t item[16] = {0};
     float dots[16];
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t take = takes[b], rows = count * take;
+    __m512 row_scales = _mm512_setzero_ps();
+    for (int64_t b = 0; b < s->nblocks; b++) {
+        const int64_t take = s->takes[b], rows = count * take, stride = s->item_strides[b];
         /* Prefetch the same vector of the item that many rows further on. Back-to-back items are one stream and
          * this is a fixed number of rows ahead; items further apart (a budget's prefix of a full (N, R, D) tensor)
          * are short runs the hardware prefetcher does not follow across the gap, so the software prefetch is what
          * keeps them near the dense prefix's speed. */
         const int64_t prefetch_rows = ROWS_FIRST ? PREFETCH_ROWS_FIRST : PREFETCH_ROWS_STEPPED;
         /* a row list has no fixed distance to the next item's rows: the hardware prefetcher is all it gets */
-        const int64_t ahead = index                         ? 0
-                              : item_strides[b] == take * dim ? prefetch_rows * dim
-                                                              : (prefetch_rows + take - 1) / take * item_strides[b];
+        const int64_t ahead = s->index         ? 0
+                              : stride == take * dim ? prefetch_rows * dim * size
+                                                     : (prefetch_rows + take - 1) / take * stride * size;
         int64_t next_item = 0, next_vector = 0; /* the next row, counted (no divisions in the loop) */
         for (int64_t r0 = 0; r0 < rows; r0 += RT) {
             const int valid_rows = rows - r0 < RT ? (int)(rows - r0) : RT;
             for (int r = 0; r < valid_rows; r++) {
                 item[r] = next_item;
-                const int64_t at = index ? index[first + next_item] : first + next_item;
-                row[r] = bases[b] + at * item_strides[b] + next_vector * dim;
+                row[r] = row_at(s, b, first + next_item, next_vector, size);
+                if (I8) scales[r] = scale_at(s, b, first + next_item, next_vector);
                 if (++next_vector == take) next_vector = 0, next_item++;
             }
             for (int r = valid_rows; r < RT; r++) { /* a short last tile repeats a row; its dots are ignored */
                 item[r] = item[valid_rows - 1];
                 row[r] = row[valid_rows - 1];
+                scales[r] = scales[valid_rows - 1];
             }
+            if (I8) row_scales = tile_scales(scales, RT);
             for (int64_t q0 = 0; q0 < m; q0 += QT) {
                 const int valid_q = m - q0 < QT ? (int)(m - q0) : QT;
-                for (int a = 0; a < QT; a++) query[a] = queries + (q0 + (a < valid_q ? a : valid_q - 1)) * dim;
-                const __m512 sims = tile(query, row, dim, QT, RT, q0 == 0 ? ahead : 0, ROWS_FIRST);
+                for (int a = 0; a < QT; a++) query[a] = s->queries + (q0 + (a < valid_q ? a : valid_q - 1)) * dim * size;
+                const __m512i offsets = I8 ? tile_offsets(s->query_offsets + q0, valid_q, RT) : _mm512_setzero_si512();
+                const __m512 sims = tile(query, row, dim * size, QT, RT, q0 == 0 ? ahead : 0, ROWS_FIRST, I8, offsets,
+                                         row_scales);
                 if (item[0] == item[RT - 1]) { /* one item (padding repeats a row): max in registers first */
                     _mm512_storeu_ps(dots, max_over_rows(sims, RT));
                     for (int a = 0; a < valid_q; a++) {
@@ -213,20 +290,21 @@ TARGET static inline __attribute__((always_inline)) void fold_items(
  * batch reads a chunk from memory once and from L2 once per run, while the run's query vectors stay in L1. The first
  * run prefetches the same vectors of an item PREFETCH_ITEM_BYTES further on. One query (<= 16 vectors) is one run:
  * a single pass over the items. */
-TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks,
-                               const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
-                               const int64_t *index, int64_t first, int64_t count, int64_t available, float *best,
-                               int64_t block) {
+TARGET static inline __attribute__((always_inline)) int fold_by_item(const struct source *s, int64_t first,
+                                                                     int64_t count, int64_t available, float *best,
+                                                                     int64_t block, const int I8) {
+    const int64_t size = I8 ? 1 : 2, m = s->m, dim = s->dim;
     int64_t per_item = 0;
-    for (int64_t b = 0; b < nblocks; b++) per_item += takes[b];
-    const int64_t item_bytes = per_item * dim * (int64_t)sizeof(uint16_t);
+    for (int64_t b = 0; b < s->nblocks; b++) per_item += s->takes[b];
+    const int64_t item_bytes = per_item * dim * size;
     const int64_t fit = CHUNK_BYTES / item_bytes, chunk = fit < 1 ? 1 : fit;
     const int64_t distance = (PREFETCH_ITEM_BYTES + item_bytes - 1) / item_bytes; /* in items */
     const int64_t tiles = (per_item + 3) / 4;
-    const uint16_t **rows = malloc(sizeof(*rows) * tiles * 4);
+    const char **rows = malloc(sizeof(*rows) * tiles * 4);
     int64_t *ahead = malloc(sizeof(*ahead) * tiles * 4); /* per row, then per tile */
-    if (!rows || !ahead) {
-        free(rows), free(ahead);
+    float *scales = malloc(sizeof(*scales) * tiles * 4);
+    if (!rows || !ahead || !scales) {
+        free(rows), free(ahead), free(scales);
         return -1;
     }
     for (int64_t c0 = 0; c0 < count; c0 += chunk) {
@@ -234,17 +312,24 @@ TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, 
         for (int64_t q0 = 0; q0 < m; q0 += QUERY_CHUNK) {
             const int64_t q1 = m - q0 < QUERY_CHUNK ? m : q0 + QUERY_CHUNK;
             const int groups = (int)((q1 - q0 + 3) / 4);
-            const uint16_t *query[QUERY_CHUNK]; /* a short last group repeats a vector; its maxima are not written */
-            for (int v = 0; v < 4 * groups; v++) query[v] = queries + (q0 + v < q1 ? q0 + v : q1 - 1) * dim;
+            const char *query[QUERY_CHUNK]; /* a short last group repeats a vector; its maxima are not written */
+            for (int v = 0; v < 4 * groups; v++) query[v] = s->queries + (q0 + v < q1 ? q0 + v : q1 - 1) * dim * size;
+            __m512i offsets[QUERY_CHUNK / 4];
+            for (int g = 0; g < groups; g++) {
+                const int valid = q1 - (q0 + 4 * g) < 4 ? (int)(q1 - (q0 + 4 * g)) : 4;
+                offsets[g] = I8 ? tile_offsets(s->query_offsets + q0 + 4 * g, valid, 4) : _mm512_setzero_si512();
+            }
             for (int64_t i = c0; i < c1; i++) {
                 int64_t r = 0;
-                for (int64_t b = 0; b < nblocks; b++)
-                    for (int64_t j = 0; j < takes[b]; j++, r++) {
-                        rows[r] = bases[b] + (index ? index[first + i] : first + i) * item_strides[b] + j * dim;
-                        ahead[r] = index ? 0 : distance * item_strides[b];
+                for (int64_t b = 0; b < s->nblocks; b++)
+                    for (int64_t j = 0; j < s->takes[b]; j++, r++) {
+                        rows[r] = row_at(s, b, first + i, j, size);
+                        if (I8) scales[r] = scale_at(s, b, first + i, j);
+                        ahead[r] = s->index ? 0 : distance * s->item_strides[b] * size;
                     }
                 for (; r < tiles * 4; r++) { /* a repeated vector leaves the max as it is */
                     rows[r] = rows[per_item - 1];
+                    scales[r] = scales[per_item - 1];
                     ahead[r] = ahead[per_item - 1];
                 }
                 for (int64_t t = 0; t < tiles; t++) { /* a tile across blocks of other strides: no prefetch */
@@ -254,11 +339,14 @@ TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, 
                 const int prefetch = q0 == 0 && i + distance < available;
                 __m512 run[QUERY_CHUNK / 4];
                 for (int g = 0; g < groups; g++) run[g] = _mm512_set1_ps(-INFINITY);
-                for (int64_t t = 0; t < tiles; t++)
+                for (int64_t t = 0; t < tiles; t++) {
+                    const __m512 row_scales = I8 ? tile_scales(scales + 4 * t, 4) : _mm512_setzero_ps();
                     for (int g = 0; g < groups; g++) {
                         const int64_t pf = prefetch && g == 0 ? ahead[t] : 0;
-                        run[g] = _mm512_max_ps(run[g], tile(query + 4 * g, rows + 4 * t, dim, 4, 4, pf, 0));
+                        run[g] = _mm512_max_ps(run[g], tile(query + 4 * g, rows + 4 * t, dim * size, 4, 4, pf, 0, I8,
+                                                            offsets[g], row_scales));
                     }
+                }
                 for (int g = 0; g < groups; g++) {
                     float lanes[16];
                     _mm512_storeu_ps(lanes, max_over_rows(run[g], 4)); /* lane 4a: query vector a's max */
@@ -268,45 +356,40 @@ TARGET static int fold_by_item(const uint16_t *queries, int64_t m, int64_t dim, 
             }
         }
     }
-    free(rows), free(ahead);
+    free(rows), free(ahead), free(scales);
     return 0;
 }
 
 /* One block of items into best, in the loop order and tile shape that suits m query vectors. Returns 0, or -1 when
  * out of memory. */
-TARGET static int fold_block(const uint16_t *queries, int64_t m, int64_t dim, int64_t nblocks,
-                             const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
-                             const int64_t *index, int64_t first, int64_t count, int64_t available, float *best,
-                             int64_t block) {
+TARGET static inline __attribute__((always_inline)) int fold_block(const struct source *s, int64_t first,
+                                                                   int64_t count, int64_t available, float *best,
+                                                                   int64_t block, const int I8) {
     int64_t per_item = 0;
-    for (int64_t b = 0; b < nblocks; b++) per_item += takes[b];
-    if (m >= BY_ITEM_MIN_M && (per_item % 4 == 0 || per_item >= 12)) /* at most 1 in 5 rows a padding repeat */
-        return fold_by_item(queries, m, dim, nblocks, bases, takes, item_strides, index, first, count, available,
-                            best, block);
+    for (int64_t b = 0; b < s->nblocks; b++) per_item += s->takes[b];
+    if (s->m >= BY_ITEM_MIN_M && (per_item % 4 == 0 || per_item >= 12)) /* at most 1 in 5 rows a padding repeat */
+        return fold_by_item(s, first, count, available, best, block, I8);
     /* tile shapes keep 16 accumulators: one query vector x 16 rows, 2 x 8, or 4 x 4 */
-#define FOLD(QT, RT, ROWS_FIRST) \
-    fold_items(queries, m, dim, nblocks, bases, takes, item_strides, index, first, count, best, block, QT, RT, \
-               ROWS_FIRST)
-    if (m == 1)
-        FOLD(1, 16, 1);
-    else if (m <= 3)
-        FOLD(2, 8, 1);
-    else if (m <= ROWS_FIRST_MAX_M)
-        FOLD(4, 4, 1);
+    if (s->m == 1)
+        fold_items(s, first, count, best, block, 1, 16, 1, I8);
+    else if (s->m <= 3)
+        fold_items(s, first, count, best, block, 2, 8, 1, I8);
+    else if (s->m <= ROWS_FIRST_MAX_M)
+        fold_items(s, first, count, best, block, 4, 4, 1, I8);
     else
-        FOLD(4, 4, 0);
-#undef FOLD
+        fold_items(s, first, count, best, block, 4, 4, 0, I8);
     return 0;
 }
 
 /* Scores of items [lo, hi) -- stored items index[lo..hi) when index is given, else items lo..hi:
- * scores[query][item] = sum over its r_q vectors of the best dot product. Returns 0, or -1 when m is out of range
- * or memory runs out. The row list only changes where each item's rows are read: every dot product, max and sum
- * is the same as for those items gathered into an array of their own, so the scores are bit-identical. */
-TARGET static int maxsim(const uint16_t *queries, int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks,
-                         const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
-                         const int64_t *index, int64_t lo, int64_t hi, float *scores, int64_t n) {
-    const int64_t m = nq * r_q;
+ * scores[query][item] = sum over its r_q vectors of the best dot product (int8: times the query vector's scale).
+ * Returns 0, or -1 when m is out of range or memory runs out. The row list only changes where each item's rows are
+ * read: every dot product, max and sum is the same as for those items gathered into an array of their own, so the
+ * scores are bit-identical. */
+TARGET static inline __attribute__((always_inline)) int maxsim(const struct source *s, int64_t nq, int64_t r_q,
+                                                               int64_t lo, int64_t hi, float *scores, int64_t n,
+                                                               const int I8) {
+    const int64_t m = s->m;
     if (m < 1 || m > MAX_QUERY_VECTORS) return -1;
     const int64_t fit = BEST_FLOATS / m, block = fit < MIN_BLOCK ? MIN_BLOCK : fit > MAX_BLOCK ? MAX_BLOCK : fit;
     float *best = malloc(sizeof(float) * m * block);
@@ -314,8 +397,7 @@ TARGET static int maxsim(const uint16_t *queries, int64_t nq, int64_t r_q, int64
     for (int64_t first = lo; first < hi; first += block) {
         const int64_t count = hi - first < block ? hi - first : block;
         for (int64_t i = 0; i < m * block; i++) best[i] = -INFINITY;
-        if (fold_block(queries, m, dim, nblocks, bases, takes, item_strides, index, first, count, hi - first, best,
-                       block)) {
+        if (fold_block(s, first, count, hi - first, best, block, I8)) {
             free(best);
             return -1;
         }
@@ -324,7 +406,12 @@ TARGET static int maxsim(const uint16_t *queries, int64_t nq, int64_t r_q, int64
             for (int64_t i = 0; i < count; i++) out[i] = 0.0f;
             for (int64_t v = 0; v < r_q; v++) {
                 const float *line = best + (q * r_q + v) * block;
-                for (int64_t i = 0; i < count; i++) out[i] += line[i];
+                if (I8) {
+                    const float scale = s->query_scales[q * r_q + v];
+                    for (int64_t i = 0; i < count; i++) out[i] += scale * line[i];
+                } else {
+                    for (int64_t i = 0; i < count; i++) out[i] += line[i];
+                }
             }
         }
     }
@@ -335,7 +422,9 @@ TARGET static int maxsim(const uint16_t *queries, int64_t nq, int64_t r_q, int64
 TARGET int metaembed_maxsim_bf16(const uint16_t *queries, int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks,
                                  const uint16_t *const *bases, const int64_t *takes, const int64_t *item_strides,
                                  int64_t lo, int64_t hi, float *scores, int64_t n) {
-    return maxsim(queries, nq, r_q, dim, nblocks, bases, takes, item_strides, NULL, lo, hi, scores, n);
+    const struct source s = {.queries = (const char *)queries, .m = nq * r_q, .dim = dim, .nblocks = nblocks,
+                             .bases = (const char *const *)bases, .takes = takes, .item_strides = item_strides};
+    return maxsim(&s, nq, r_q, lo, hi, scores, n, 0);
 }
 
 /* The same for a row list: column i of scores (nq, n) is stored item index[i], for i in [lo, hi) (any order,
@@ -345,13 +434,30 @@ TARGET int metaembed_maxsim_bf16_rows(const uint16_t *queries, int64_t nq, int64
                                       const uint16_t *const *bases, const int64_t *takes,
                                       const int64_t *item_strides, const int64_t *index, int64_t lo, int64_t hi,
                                       float *scores, int64_t n) {
-    return maxsim(queries, nq, r_q, dim, nblocks, bases, takes, item_strides, index, lo, hi, scores, n);
+    const struct source s = {.queries = (const char *)queries, .m = nq * r_q, .dim = dim, .nblocks = nblocks,
+                             .bases = (const char *const *)bases, .takes = takes, .item_strides = item_strides,
+                             .index = index};
+    return maxsim(&s, nq, r_q, lo, hi, scores, n, 0);
+}
+
+/* int8 candidates with per-vector scales against int8 query codes: query_offsets[v] = 128 * sum of vector v's
+ * codes, query_scales[v] its scale. index: NULL, or a row list as above. */
+TARGET int metaembed_maxsim_int8(const int8_t *queries, const int32_t *query_offsets, const float *query_scales,
+                                 int64_t nq, int64_t r_q, int64_t dim, int64_t nblocks, const int8_t *const *bases,
+                                 const float *const *scale_bases, const int64_t *takes, const int64_t *item_strides,
+                                 const int64_t *scale_strides, const int64_t *index, int64_t lo, int64_t hi,
+                                 float *scores, int64_t n) {
+    const struct source s = {.queries = (const char *)queries, .query_offsets = query_offsets,
+                             .query_scales = query_scales, .m = nq * r_q, .dim = dim, .nblocks = nblocks,
+                             .bases = (const char *const *)bases, .scale_bases = scale_bases, .takes = takes,
+                             .item_strides = item_strides, .scale_strides = scale_strides, .index = index};
+    return maxsim(&s, nq, r_q, lo, hi, scores, n, 1);
 }
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_fused_maxsim",
-    .m_doc = "Fused bf16 MaxSim kernel, called through ctypes (see metaembed.fused).",
+    .m_doc = "Fused bf16 / int8 MaxSim kernel, called through ctypes (see metaembed.fused).",
     .m_size = -1,
 };
 

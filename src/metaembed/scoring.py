@@ -23,6 +23,7 @@ import torch
 from metaembed import fused
 from metaembed.budget import Budget
 from metaembed.errors import ShapeError
+from metaembed.quantize import round_trip_int8
 
 # Elements of the (chunk·r_c, nq·r_q) similarity block scored per step: 4M floats = 16 MB, small
 # enough to stay in cache-friendly territory, large enough that GEMM call overhead is negligible.
@@ -124,14 +125,16 @@ def score_blocks(
     that together hold each candidate's first ``Σ t_b`` vectors, in order (int8 blocks carry a per-vector scale).
     Returns float32 scores (float64 when a block is float64). No input checks here.
 
-    bf16 blocks on a CPU with AVX512-BF16 go to the fused kernel (:mod:`metaembed.fused`): every dot product is
-    accumulated in fp32 in the same order whatever the batch, so a query's scores are bit-identical alone and
-    inside any batch. Everything else runs torch GEMMs: candidates in row chunks; within a chunk every block runs
-    one GEMM into a preallocated buffer, the max over its vectors is taken in place and folded into a running
-    best, and the sum over query vectors goes straight into the ``(nq, N)`` output. bf16 / fp16 (CPU) and int8
-    chunks are widened to fp32 inside a reused, cache-resident buffer (queries meeting bf16 candidates are rounded
-    to bf16 first, as the kernel reads them), so these scores are fp32 dot products too: equal between batch
-    sizes within fp32 rounding (~1e-6 relative), top-k identical except for items whose scores tie that closely.
+    Queries are scored as the candidates are stored: rounded to bf16 against bf16 blocks, quantised per vector to
+    int8 against int8 blocks (:mod:`metaembed.quantize`), in every engine. bf16 blocks, or int8 blocks with their
+    scales, on a CPU with AVX512-BF16 and -VNNI go to the fused kernel (:mod:`metaembed.fused`): every dot product is
+    accumulated in the same order whatever the batch (int8: exactly, in integers), so a query's scores are
+    bit-identical alone and inside any batch. Everything else runs torch GEMMs: candidates in row chunks; within a
+    chunk every block runs one GEMM into a preallocated buffer, the max over its vectors is taken in place and folded
+    into a running best, and the sum over query vectors goes straight into the ``(nq, N)`` output. bf16 / fp16 (CPU)
+    and int8 chunks are widened to fp32 inside a reused, cache-resident buffer, so these scores are fp32 dot products
+    too: equal between batch sizes within fp32 rounding (~1e-6 relative), top-k identical except for items whose
+    scores tie that closely.
     On CUDA, bf16 GEMMs round each dot product to bf16 and carry no such guarantee.
     """
     if fused.supports(queries, blocks):
@@ -144,10 +147,14 @@ def score_blocks(
     out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     m = nq * r_q
     flat_queries = queries.reshape(m, dim)
-    # queries as each block's GEMM reads them; against bf16 blocks rounded to bf16 first, as the fused kernel reads them
+    # queries as each block's GEMM reads them: against bf16 blocks rounded to bf16, against int8 blocks quantised to
+    # int8 per vector (metaembed.quantize), as the fused kernel reads them
     q_of = {}
     for (v, _), dt in zip(blocks, dtypes, strict=True):
-        rounded = flat_queries.to(torch.bfloat16) if v.dtype == torch.bfloat16 else flat_queries
+        if v.dtype == torch.int8:
+            rounded = round_trip_int8(flat_queries)
+        else:
+            rounded = flat_queries.to(torch.bfloat16) if v.dtype == torch.bfloat16 else flat_queries
         q_of[(v.dtype, dt)] = rounded.to(dt).contiguous()
     total = sum(v.shape[1] for v, _ in blocks)
     widest = max(v.shape[1] for v, _ in blocks)

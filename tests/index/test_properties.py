@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from metaembed import Budget
 from metaembed.index import create_index
-from metaembed.index.layout import quantize_int8
+from metaembed.index.layout import quantize_int8, stored_values
 from metaembed.scoring import maxsim_reference
 
 
@@ -50,7 +50,7 @@ def test_search_matches_reference(case):
     if dtype == "int8":
         codes, scale = quantize_int8(c)
         ref_c = codes.double() * scale[..., None].double()
-    ref = maxsim_reference(q, ref_c, budget)
+    ref = maxsim_reference(stored_values(q, dtype), ref_c, budget)  # queries are scored as items are stored
     assert res.scores.shape == (3, min(k, n))
     torch.testing.assert_close(res.scores.double(), ref.topk(min(k, n), dim=1).values, rtol=1e-5, atol=1e-4)
     for i, row in enumerate(res.ids):

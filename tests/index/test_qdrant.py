@@ -43,7 +43,7 @@ def test_qdrant_local_equals_embedded_and_two_stage(tmp_path, dtype):
         for budget in (Budget(1, 1), Budget(2, 4), Budget(4, 8), Budget(4, 16)):
             for ix, two_stage in ((emb, False), (qd, False), (emb, True), (qd, True)):
                 res = ix.search(q, budget, k=5, two_stage=two_stage, candidates=59 if two_stage else None)
-                assert_matches_reference(res, q, stored, ids, budget, TOLERANCE[dtype], live)
+                assert_matches_reference(res, stored_values(q, dtype), stored, ids, budget, TOLERANCE[dtype], live)
         res = qd.search(q, "4x8", k=3)
         assert res.metadata[0][0] == {"i": int(res.ids[0][0].split("/")[1]) + (1 if res.ids[0][0] == "doc/8" else 0)}
         got_q, _ = qd.get(["doc/3"])

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from metaembed.quantize import quantize_int8, round_trip_int8
+
 DEFAULT_BOUNDS = (1, 4, 8, 16, 64)
 ITEMSIZE = {"fp32": 4, "bf16": 2, "int8": 1}
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -21,15 +23,6 @@ def group_bounds(num_vectors: int) -> list[int]:
     return [0, *[b for b in DEFAULT_BOUNDS if b < num_vectors], num_vectors]
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-vector int8: ``x ≈ codes * scale[..., None]``, ``scale = max|x| / 127`` (1 for zero vectors)."""
-    x = x.float()
-    absmax = x.abs().amax(dim=-1)
-    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    codes = torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return codes, scale
-
-
 def encode(embeddings: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(codes, scales)`` as an index of ``dtype`` stores them; scales only for int8."""
     if dtype == "int8":
@@ -38,9 +31,10 @@ def encode(embeddings: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Te
 
 
 def stored_values(embeddings: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The float32 values an index of ``dtype`` scores with after storing ``embeddings`` (rounded, dequantised)."""
-    codes, scale = encode(embeddings.detach().to("cpu", torch.float32), dtype)
-    return codes.float() if scale is None else codes.float() * scale[..., None]
+    """The float32 values an index of ``dtype`` scores with after storing ``embeddings`` (rounded, dequantised) —
+    stored items and queries alike: a query is rounded to bf16, or quantised to int8, the same way."""
+    embeddings = embeddings.detach().to("cpu", torch.float32)
+    return round_trip_int8(embeddings) if dtype == "int8" else embeddings.to(TORCH_DTYPE[dtype]).float()
 
 
 def row_bytes(layout: dict[str, Any]) -> int:

@@ -219,7 +219,8 @@ class QdrantIndex(IndexBase):
                 f"got {budget.r_c}"
             )
         ids, scores, meta = [], [], []
-        for q in queries.to(torch.float32)[:, : budget.r_q]:
+        # queries rounded / quantised as the stored vectors are, like the embedded index scores them
+        for q in stored_values(queries[:, : budget.r_q], self.dtype):
             prefetch = None
             if two_stage:
                 limit = max(k, candidates or default_candidates(k))
