@@ -86,6 +86,9 @@ struct source {
     const int64_t *index; /* NULL, or the stored item of each scored column */
 };
 
+/* The larger of two finite scores, inline (fmaxf's NaN rules make GCC call libm for it). */
+static inline float larger(float a, float b) { return a > b ? a : b; }
+
 /* Lane-wise a + b: fp32, or int32 for int8's exact integer dot products (kept in __m512 registers). */
 TARGET static inline __m512 add(__m512 a, __m512 b, const int I8) {
     return I8 ? _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)))
@@ -253,7 +256,7 @@ TARGET static inline __attribute__((always_inline)) void fold_items(const struct
                     _mm512_storeu_ps(dots, max_over_rows(sims, RT));
                     for (int a = 0; a < valid_q; a++) {
                         float *at = best + (q0 + a) * block + item[0];
-                        *at = fmaxf(*at, dots[a * RT]);
+                        *at = larger(*at, dots[a * RT]);
                     }
                     continue;
                 }
@@ -273,7 +276,7 @@ TARGET static inline __attribute__((always_inline)) void fold_items(const struct
                 }
                 for (int a = 0; a < valid_q; a++) {
                     float *line = best + (q0 + a) * block;
-                    for (int r = 0; r < valid_rows; r++) line[item[r]] = fmaxf(line[item[r]], dots[a * RT + r]);
+                    for (int r = 0; r < valid_rows; r++) line[item[r]] = larger(line[item[r]], dots[a * RT + r]);
                 }
             }
         }
@@ -360,6 +363,103 @@ TARGET static inline __attribute__((always_inline)) int fold_by_item(const struc
     return 0;
 }
 
+/* int8 from LANES_MIN_M query vectors: the query vectors in the lanes instead of the dimensions. Query vectors are
+ * packed 16 at a time as [D / 4][16 lanes][4 codes], and each stored row's 4 codes at a time are broadcast to every
+ * lane, so one VPDPBUSD adds 4 products to 16 query vectors' dot products with that row: no horizontal sums at all,
+ * and the max over an item's rows is a lane-wise max. (bf16 cannot take this order: its fp32 sums would round in
+ * another order than one query's 16-lane tiles, and a query's scores would depend on its batch; int8's integer sums
+ * are the same in any order, so the scores are bit-identical to the tiled order's.) LANE_ROWS rows at a time, 64
+ * codes of each are flipped to code + 128 (VPDPBUSD's unsigned side) into a small buffer whose fixed row stride
+ * lets every broadcast address be a constant offset; items are taken in chunks that stay in L2 while each run of 16
+ * query vectors passes over them. Returns 0, or -1 when out of memory. */
+/* acc += the 4-byte dot products of unsigned a and signed b, in acc's register: GCC 12 copies the accumulators around
+ * every VPDPBUSD the intrinsic issues in this loop (two extra moves per multiply-add). */
+TARGET static inline void dpbusd_in_place(__m512i *acc, __m512i a, __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(*acc) : "v"(a), "v"(b));
+}
+
+#define LANES_MIN_M 16
+#define LANE_ROWS 16
+TARGET static int fold_lanes(const struct source *s, int64_t first, int64_t count, int64_t available, float *best,
+                             int64_t block) {
+    const int64_t m = s->m, dim = s->dim, runs = (m + 15) / 16, steps = (dim + 63) / 64;
+    int64_t per_item = 0;
+    for (int64_t b = 0; b < s->nblocks; b++) per_item += s->takes[b];
+    const int64_t item_bytes = per_item * dim;
+    const int64_t fit = CHUNK_BYTES / item_bytes, chunk = fit < 1 ? 1 : fit;
+    const int64_t distance = (PREFETCH_ITEM_BYTES + item_bytes - 1) / item_bytes; /* in items */
+    int32_t *packed = aligned_alloc(64, runs * steps * 16 * 64); /* [run][quad][lane]: 4 codes; zeros past D */
+    const char **rows = malloc(sizeof(*rows) * per_item);
+    float *scales = malloc(sizeof(*scales) * per_item);
+    int64_t *ahead = malloc(sizeof(*ahead) * per_item);
+    if (!packed || !rows || !scales || !ahead) {
+        free(packed), free(rows), free(scales), free(ahead);
+        return -1;
+    }
+    for (int64_t v = 0; v < runs * 16; v++) /* lanes past m: zeros (their maxima are never written) */
+        for (int64_t q = 0; q < steps * 16; q++) {
+            int32_t word = 0;
+            for (int64_t k = 0; k < 4 && v < m && 4 * q + k < dim; k++)
+                word |= (int32_t)(uint8_t)s->queries[v * dim + 4 * q + k] << (8 * k);
+            packed[((v / 16) * steps * 16 + q) * 16 + v % 16] = word;
+        }
+    _Alignas(64) uint8_t flipped[LANE_ROWS * 64];
+    for (int64_t c0 = 0; c0 < count; c0 += chunk) {
+        const int64_t c1 = count - c0 < chunk ? count : c0 + chunk;
+        for (int64_t run = 0; run < runs; run++) {
+            const int valid = m - 16 * run < 16 ? (int)(m - 16 * run) : 16;
+            const __m512i offsets =
+                _mm512_maskz_loadu_epi32((__mmask16)((1u << valid) - 1), s->query_offsets + 16 * run);
+            const int32_t *query = packed + run * steps * 16 * 16;
+            for (int64_t i = c0; i < c1; i++) {
+                int64_t r = 0;
+                for (int64_t b = 0; b < s->nblocks; b++)
+                    for (int64_t j = 0; j < s->takes[b]; j++, r++) {
+                        rows[r] = row_at(s, b, first + i, j, 1);
+                        scales[r] = scale_at(s, b, first + i, j);
+                        ahead[r] = s->index || run || i + distance >= available ? 0 : distance * s->item_strides[b];
+                    }
+                __m512 best_lanes = _mm512_set1_ps(-INFINITY);
+                for (int64_t r0 = 0; r0 < per_item; r0 += LANE_ROWS) {
+                    const char *row[LANE_ROWS]; /* a short last group repeats its last row: the max is unchanged */
+                    for (int t = 0; t < LANE_ROWS; t++) row[t] = rows[r0 + t < per_item ? r0 + t : per_item - 1];
+                    __m512i acc[LANE_ROWS];
+                    for (int t = 0; t < LANE_ROWS; t++) acc[t] = _mm512_setzero_si512();
+                    for (int64_t step = 0; step < steps; step++) {
+                        const int64_t k = 64 * step;
+                        /* past D: zero codes, flipped to 128, meet zero query codes */
+                        const __mmask64 mask = dim - k >= 64 ? ~(__mmask64)0 : (__mmask64)((1ull << (dim - k)) - 1);
+                        for (int t = 0; t < LANE_ROWS; t++) {
+                            const int64_t at = r0 + t < per_item ? r0 + t : per_item - 1;
+                            if (ahead[at]) _mm_prefetch(row[t] + k + ahead[at], _MM_HINT_T0);
+                            _mm512_store_si512(flipped + 64 * t, row_bytes(_mm512_maskz_loadu_epi8(mask, row[t] + k), 1));
+                        }
+                        const int32_t *codes = query + step * 16 * 16;
+                        for (int q = 0; q < 16; q++) {
+                            const __m512i lanes = _mm512_load_si512(codes + 16 * q);
+                            for (int t = 0; t < LANE_ROWS; t++) {
+                                int32_t word;
+                                __builtin_memcpy(&word, flipped + 64 * t + 4 * q, 4);
+                                dpbusd_in_place(&acc[t], _mm512_set1_epi32(word), lanes);
+                            }
+                        }
+                    }
+                    for (int t = 0; t < LANE_ROWS; t++) {
+                        const int64_t at = r0 + t < per_item ? r0 + t : per_item - 1;
+                        const __m512 dots = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offsets));
+                        best_lanes = _mm512_max_ps(best_lanes, _mm512_mul_ps(dots, _mm512_set1_ps(scales[at])));
+                    }
+                }
+                float lanes[16];
+                _mm512_storeu_ps(lanes, best_lanes);
+                for (int v = 0; v < valid; v++) best[(16 * run + v) * block + i] = lanes[v];
+            }
+        }
+    }
+    free(packed), free(rows), free(scales), free(ahead);
+    return 0;
+}
+
 /* One block of items into best, in the loop order and tile shape that suits m query vectors. Returns 0, or -1 when
  * out of memory. */
 TARGET static inline __attribute__((always_inline)) int fold_block(const struct source *s, int64_t first,
@@ -367,6 +467,7 @@ TARGET static inline __attribute__((always_inline)) int fold_block(const struct 
                                                                    int64_t block, const int I8) {
     int64_t per_item = 0;
     for (int64_t b = 0; b < s->nblocks; b++) per_item += s->takes[b];
+    if (I8 && s->m >= LANES_MIN_M) return fold_lanes(s, first, count, available, best, block);
     if (s->m >= BY_ITEM_MIN_M && (per_item % 4 == 0 || per_item >= 12)) /* at most 1 in 5 rows a padding repeat */
         return fold_by_item(s, first, count, available, best, block, I8);
     /* tile shapes keep 16 accumulators: one query vector x 16 rows, 2 x 8, or 4 x 4 */
