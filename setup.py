@@ -15,7 +15,9 @@ setup(
         Extension(
             "metaembed._fused_maxsim",
             sources=["src/metaembed/_fused_maxsim.c"],
-            extra_compile_args=["-O3", "-std=c11"],
+            # -fno-wrapv undoes Python's -fwrapv: with signed overflow defined, GCC keeps the tile loops' index
+            # arithmetic general, and the kernel ran 10-40 % slower (measured one query at a time, thread CPU time)
+            extra_compile_args=["-O3", "-std=c11", "-fno-wrapv"],
             optional=True,
         ),
         Extension(

@@ -363,32 +363,45 @@ TARGET static inline __attribute__((always_inline)) int fold_by_item(const struc
     return 0;
 }
 
-/* int8 from LANES_MIN_M query vectors: the query vectors in the lanes instead of the dimensions. Query vectors are
- * packed 16 at a time as [D / 4][16 lanes][4 codes], and each stored row's 4 codes at a time are broadcast to every
- * lane, so one VPDPBUSD adds 4 products to 16 query vectors' dot products with that row: no horizontal sums at all,
- * and the max over an item's rows is a lane-wise max. (bf16 cannot take this order: its fp32 sums would round in
- * another order than one query's 16-lane tiles, and a query's scores would depend on its batch; int8's integer sums
- * are the same in any order, so the scores are bit-identical to the tiled order's.) LANE_ROWS rows at a time, 64
- * codes of each are flipped to code + 128 (VPDPBUSD's unsigned side) into a small buffer whose fixed row stride
- * lets every broadcast address be a constant offset; items are taken in chunks that stay in L2 while each run of 16
- * query vectors passes over them. Returns 0, or -1 when out of memory. */
-/* acc += the 4-byte dot products of unsigned a and signed b, in acc's register: GCC 12 copies the accumulators around
- * every VPDPBUSD the intrinsic issues in this loop (two extra moves per multiply-add). */
+/* acc += the 4-byte dot products of unsigned a and signed b, in acc's register: GCC 12 copies the accumulators
+ * around every VPDPBUSD the intrinsic issues in fold_lanes' loop (two extra moves per multiply-add). */
 TARGET static inline void dpbusd_in_place(__m512i *acc, __m512i a, __m512i b) {
     __asm__("vpdpbusd %2, %1, %0" : "+v"(*acc) : "v"(a), "v"(b));
 }
 
+/* int8 from LANES_MIN_M query vectors: the query vectors in the lanes instead of the dimensions. Query vectors are
+ * packed 16 at a time as [64-code step][16 words][16 lanes] -- a word is 4 codes of a vector -- and each stored
+ * row's words are broadcast to every lane, so one VPDPBUSD adds a word's 4 products to 16 query vectors' dot
+ * products with that row: no horizontal sums at all, and the max over an item's rows is a lane-wise max. Integer sums
+ * are the same in any order, so the scores are bit-identical to the tiled order's (bf16 cannot take this order: its
+ * fp32 sums would round differently from a lone query's tiles, and its batches are faster item by item). LANE_ROWS
+ * rows at a time, 64 codes of each are flipped to code + 128 (VPDPBUSD's unsigned side) into a small buffer whose
+ * fixed row stride lets every broadcast address be a constant offset; items are taken in chunks that stay in L2
+ * while each run of 16 query vectors passes over them. Returns 0, or -1 when out of memory. */
 #define LANES_MIN_M 16
 #define LANE_ROWS 16
+
+/* 64 codes from offset k of LANE_ROWS rows (rows[at[t]]) into to[t * 64], flipped to code + 128; past the row's
+ * end, 128s that meet zero query words. Prefetches each row ahead[at[t]] bytes further on. */
+TARGET static inline void flip_rows(uint8_t *to, const char *const *rows, const int64_t *at, const int64_t *ahead,
+                                    int64_t k, int64_t bytes) {
+    const __mmask64 mask = bytes - k >= 64 ? ~(__mmask64)0 : (__mmask64)((1ull << (bytes - k)) - 1);
+    for (int t = 0; t < LANE_ROWS; t++) {
+        if (ahead[at[t]]) _mm_prefetch(rows[at[t]] + k + ahead[at[t]], _MM_HINT_T0);
+        _mm512_store_si512(to + 64 * t, row_bytes(_mm512_maskz_loadu_epi8(mask, rows[at[t]] + k), 1));
+    }
+}
+
 TARGET static int fold_lanes(const struct source *s, int64_t first, int64_t count, int64_t available, float *best,
                              int64_t block) {
-    const int64_t m = s->m, dim = s->dim, runs = (m + 15) / 16, steps = (dim + 63) / 64;
+    const int64_t m = s->m, bytes = s->dim; /* one byte per code */
+    const int64_t runs = (m + 15) / 16, steps = (bytes + 63) / 64;
     int64_t per_item = 0;
     for (int64_t b = 0; b < s->nblocks; b++) per_item += s->takes[b];
-    const int64_t item_bytes = per_item * dim;
+    const int64_t item_bytes = per_item * bytes;
     const int64_t fit = CHUNK_BYTES / item_bytes, chunk = fit < 1 ? 1 : fit;
     const int64_t distance = (PREFETCH_ITEM_BYTES + item_bytes - 1) / item_bytes; /* in items */
-    int32_t *packed = aligned_alloc(64, runs * steps * 16 * 64); /* [run][quad][lane]: 4 codes; zeros past D */
+    int32_t *packed = aligned_alloc(64, runs * steps * 16 * 64); /* [run][step][word][lane]; zeros past D and m */
     const char **rows = malloc(sizeof(*rows) * per_item);
     float *scales = malloc(sizeof(*scales) * per_item);
     int64_t *ahead = malloc(sizeof(*ahead) * per_item);
@@ -396,14 +409,14 @@ TARGET static int fold_lanes(const struct source *s, int64_t first, int64_t coun
         free(packed), free(rows), free(scales), free(ahead);
         return -1;
     }
-    for (int64_t v = 0; v < runs * 16; v++) /* lanes past m: zeros (their maxima are never written) */
-        for (int64_t q = 0; q < steps * 16; q++) {
-            int32_t word = 0;
-            for (int64_t k = 0; k < 4 && v < m && 4 * q + k < dim; k++)
-                word |= (int32_t)(uint8_t)s->queries[v * dim + 4 * q + k] << (8 * k);
-            packed[((v / 16) * steps * 16 + q) * 16 + v % 16] = word;
+    for (int64_t v = 0; v < runs * 16; v++)
+        for (int64_t w = 0; w < steps * 16; w++) {
+            uint32_t word = 0;
+            for (int64_t k = 0; k < 4 && v < m && 4 * w + k < bytes; k++)
+                word |= (uint32_t)(uint8_t)s->queries[v * bytes + 4 * w + k] << (8 * k);
+            packed[((v / 16) * steps * 16 + w) * 16 + v % 16] = (int32_t)word;
         }
-    _Alignas(64) uint8_t flipped[LANE_ROWS * 64];
+    _Alignas(64) uint8_t flipped[2 * LANE_ROWS * 64];
     for (int64_t c0 = 0; c0 < count; c0 += chunk) {
         const int64_t c1 = count - c0 < chunk ? count : c0 + chunk;
         for (int64_t run = 0; run < runs; run++) {
@@ -421,33 +434,30 @@ TARGET static int fold_lanes(const struct source *s, int64_t first, int64_t coun
                     }
                 __m512 best_lanes = _mm512_set1_ps(-INFINITY);
                 for (int64_t r0 = 0; r0 < per_item; r0 += LANE_ROWS) {
-                    const char *row[LANE_ROWS]; /* a short last group repeats its last row: the max is unchanged */
-                    for (int t = 0; t < LANE_ROWS; t++) row[t] = rows[r0 + t < per_item ? r0 + t : per_item - 1];
+                    int64_t at[LANE_ROWS]; /* a short last group repeats its last row: the max is unchanged */
+                    for (int t = 0; t < LANE_ROWS; t++) at[t] = r0 + t < per_item ? r0 + t : per_item - 1;
                     __m512i acc[LANE_ROWS];
                     for (int t = 0; t < LANE_ROWS; t++) acc[t] = _mm512_setzero_si512();
+                    flip_rows(flipped, rows, at, ahead, 0, bytes);
                     for (int64_t step = 0; step < steps; step++) {
-                        const int64_t k = 64 * step;
-                        /* past D: zero codes, flipped to 128, meet zero query codes */
-                        const __mmask64 mask = dim - k >= 64 ? ~(__mmask64)0 : (__mmask64)((1ull << (dim - k)) - 1);
-                        for (int t = 0; t < LANE_ROWS; t++) {
-                            const int64_t at = r0 + t < per_item ? r0 + t : per_item - 1;
-                            if (ahead[at]) _mm_prefetch(row[t] + k + ahead[at], _MM_HINT_T0);
-                            _mm512_store_si512(flipped + 64 * t, row_bytes(_mm512_maskz_loadu_epi8(mask, row[t] + k), 1));
-                        }
-                        const int32_t *codes = query + step * 16 * 16;
-                        for (int q = 0; q < 16; q++) {
-                            const __m512i lanes = _mm512_load_si512(codes + 16 * q);
+                        /* the next step's bytes go to the other half while this step's are read: a load straight
+                         * after the store it reads from stalls (the 64-byte store does not forward to 4-byte loads) */
+                        const uint8_t *current = flipped + (step % 2) * LANE_ROWS * 64;
+                        if (step + 1 < steps)
+                            flip_rows(flipped + ((step + 1) % 2) * LANE_ROWS * 64, rows, at, ahead, 64 * (step + 1), bytes);
+                        const int32_t *words = query + step * 16 * 16;
+                        for (int w = 0; w < 16; w++) {
+                            const __m512i lanes = _mm512_load_si512(words + 16 * w);
                             for (int t = 0; t < LANE_ROWS; t++) {
                                 int32_t word;
-                                __builtin_memcpy(&word, flipped + 64 * t + 4 * q, 4);
+                                __builtin_memcpy(&word, current + 64 * t + 4 * w, 4);
                                 dpbusd_in_place(&acc[t], _mm512_set1_epi32(word), lanes);
                             }
                         }
                     }
                     for (int t = 0; t < LANE_ROWS; t++) {
-                        const int64_t at = r0 + t < per_item ? r0 + t : per_item - 1;
                         const __m512 dots = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offsets));
-                        best_lanes = _mm512_max_ps(best_lanes, _mm512_mul_ps(dots, _mm512_set1_ps(scales[at])));
+                        best_lanes = _mm512_max_ps(best_lanes, _mm512_mul_ps(dots, _mm512_set1_ps(scales[at[t]])));
                     }
                 }
                 float lanes[16];
