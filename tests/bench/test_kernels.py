@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from metaembed import Budget, maxsim
 from metaembed.index.kernels import maxsim_grouped
+from metaembed.quantize import round_trip_int8
 
 BOUNDS = (0, 1, 4, 8, 16, 64)
 
@@ -53,7 +54,7 @@ def test_grouped_every_dtype_and_budget_matches_float64(budget, dtype, nq):
     if dtype == "int8":
         codes, scale, dequantised = quantise(c)
         groups, scales = split(codes), split(scale)
-        expected = reference(q32, dequantised, budget)
+        expected = reference(round_trip_int8(q32), dequantised, budget)  # the query quantised like the codes
     else:
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         stored = c.to(torch_dtype)
@@ -84,10 +85,14 @@ def test_mixed_dtype_groups_and_partial_last_group():
     codes, scale, dequantised = quantise(c)
     groups = [c[:, :1].float(), c[:, 1:4].float(), codes[:, 4:64]]
     scales = [None, None, scale[:, 4:64]]
-    mixed = torch.cat([c[:, :4], dequantised[:, 4:]], dim=1)
     for budget in (Budget(2, 3), Budget(5, 6), Budget(16, 64)):
         got = maxsim_grouped(q.float(), groups, budget, scales, chunk_size=13)
-        torch.testing.assert_close(got.double(), reference(q.float(), mixed, budget), rtol=1e-5, atol=1e-4)
+        # each group meets the query as it stores its vectors: fp32 as it is, int8 quantised like the codes
+        q32, q8 = q[:, : budget.r_q].float().double(), round_trip_int8(q[:, : budget.r_q].float()).double()
+        best = torch.einsum("qid,njd->qnij", q32, c[:, : min(4, budget.r_c)].float().double()).amax(dim=3)
+        if budget.r_c > 4:
+            best = best.maximum(torch.einsum("qid,njd->qnij", q8, dequantised[:, 4 : budget.r_c]).amax(dim=3))
+        torch.testing.assert_close(got.double(), best.sum(dim=2), rtol=1e-5, atol=1e-4)
 
 
 @settings(max_examples=60, deadline=None)
@@ -114,7 +119,7 @@ def test_grouped_property_any_layout(nq, n, r_q_total, cuts, dim, chunk, dtype, 
     if dtype == "int8":
         codes, scale, dequantised = quantise(c)
         got = maxsim_grouped(q.float(), split(codes, bounds), budget, split(scale, bounds), chunk_size=chunk)
-        expected = reference(q.float(), dequantised, budget)
+        expected = reference(round_trip_int8(q.float()), dequantised, budget)
     elif dtype == "bf16":
         stored = c.bfloat16()
         got = maxsim_grouped(q.bfloat16(), split(stored, bounds), budget, chunk_size=chunk)
