@@ -1,6 +1,6 @@
 """Builds the optional C parts; everything else about the package is in pyproject.toml.
 
-The fused MaxSim kernel is a plain C file with AVX512-BF16 code behind a runtime CPU check; the map guard
+The fused MaxSim kernel is a plain C file with AVX512-BF16 / -VNNI code behind a runtime CPU check; the map guard
 turns a SIGBUS from a segment file truncated under the index into an error the index reports. Both are
 ``optional=True``: where no C compiler is present the install still succeeds, metaembed scores with torch
 GEMMs, and the index goes without the guard (docs/index.md says what that costs).

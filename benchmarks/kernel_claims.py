@@ -73,6 +73,12 @@ CLOCK_NOTES = {
 }
 
 
+# Environment variables that change what is measured: torch's CPU allocator asks for transparent huge pages with
+# THP_MEM_ALLOC_ENABLE=1 (a full (N, 64, D) tensor read at a small budget touches a new 4 KiB page per item).
+def environment_set() -> list[str]:
+    return [f"{k}={os.environ[k]}" for k in ("THP_MEM_ALLOC_ENABLE",) if k in os.environ]
+
+
 def median_ms(fn, repeats: int, per: int = 1, clock: str = "wall") -> float:
     return statistics.median(t / per for t in time_ms(fn, repeats, clock=clock))
 
@@ -203,7 +209,7 @@ def run(args) -> dict:
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rounds = [one_round(args, budgets, record) for _ in range(args.rounds)]
     return {
-        "command": "PYTHONPATH=src python benchmarks/kernel_claims.py " + " ".join(sys.argv[1:]),
+        "command": " ".join([*environment_set(), "PYTHONPATH=src python benchmarks/kernel_claims.py", *sys.argv[1:]]),
         "started_utc": started,
         "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),

@@ -44,6 +44,6 @@ if .venv/bin/python -c "import torchvision" 2>/dev/null; then
     echo "setup: torchvision is installed and breaks transformers' VLM imports; removing it" >&2
     .venv/bin/pip uninstall -y -q torchvision
 fi
-.venv/bin/python -c "from metaembed import fused; print('setup: fused bf16 MaxSim kernel:', fused.status())"
+.venv/bin/python -c "from metaembed import fused; print('setup: fused bf16 / int8 MaxSim kernel:', fused.status())"
 echo "$inputs" > "$stamp"
 echo "setup: done in $((SECONDS - began)) s; .venv holds $(du -sh .venv | cut -f1)"

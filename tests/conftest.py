@@ -16,7 +16,7 @@ def pytest_report_header(config) -> str:
     """Which MaxSim engine the scoring tests exercise on this machine (CI logs show it on the first lines)."""
     from metaembed import fused
 
-    return f"metaembed scoring: fused bf16 MaxSim kernel {fused.status()}"
+    return f"metaembed scoring: fused bf16 / int8 MaxSim kernel {fused.status()}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,4 @@
-"""The fused bf16 MaxSim kernel against the float64 definition (it runs only where AVX512-BF16 does)."""
+"""The fused bf16 / int8 MaxSim kernel against the float64 definition (it runs where AVX512-BF16 and -VNNI do)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from metaembed.quantize import quantize_int8, round_trip_int8
 from metaembed.scoring import score_blocks
 
 
-def _cpu_runs_avx512_bf16() -> bool:
+def _cpu_runs_the_kernel() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and " avx512_bf16" in cpuinfo.read_text()
+    return cpuinfo.exists() and all(f" {flag}" in cpuinfo.read_text() for flag in ("avx512_bf16", "avx512_vnni"))
 
 
 def _c_compiler() -> str | None:
@@ -30,13 +30,13 @@ def _c_compiler() -> str | None:
 
 
 def test_the_kernel_is_in_use_wherever_it_can_be():
-    """Where the CPU runs AVX512-BF16 and a C compiler exists, setup must have built the kernel: a missing kernel
-    is a failure here, not a module of skipped tests."""
+    """Where the CPU runs AVX512-BF16 and -VNNI and a C compiler exists, setup must have built the kernel: a missing
+    kernel is a failure here, not a module of skipped tests."""
     if os.environ.get("METAEMBED_FUSED") == "0":
         pytest.skip("METAEMBED_FUSED=0: the kernel is switched off on purpose")
-    if not (_cpu_runs_avx512_bf16() and _c_compiler()):
-        pytest.skip(f"no AVX512-BF16 CPU or no C compiler here: {fused.status()}")
-    assert fused.available(), f"this CPU runs AVX512-BF16 and {_c_compiler()} exists, but: {fused.status()}"
+    if not (_cpu_runs_the_kernel() and _c_compiler()):
+        pytest.skip(f"no AVX512-BF16 + VNNI CPU or no C compiler here: {fused.status()}")
+    assert fused.available(), f"this CPU runs AVX512-BF16 + VNNI and {_c_compiler()} exists, but: {fused.status()}"
 
 
 needs_kernel = pytest.mark.skipif(not fused.available(), reason=f"fused kernel: {fused.status()}")

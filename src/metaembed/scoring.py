@@ -7,8 +7,9 @@ token lists, no masks), so scoring a chunk of candidates is one GEMM followed by
 Two entry points:
 
 * :func:`maxsim` — inference: queries ``(nq, R_q, D)`` × candidates ``(N, R_c, D)`` → ``(nq, N)``,
-  chunked over candidates so memory stays bounded; runs bf16 natively (AVX512-BF16 or AMX) when the
-  candidates are bf16. Falls back to the differentiable form when gradients are needed.
+  chunked over candidates so memory stays bounded; bf16 and int8 candidates run on the fused kernel where the CPU
+  has AVX512-BF16 and -VNNI (:mod:`metaembed.fused`). Falls back to the differentiable form when gradients are
+  needed.
 * :func:`token_similarities` + :func:`maxsim_from_similarities` — training: compute all token
   similarities once, then score any number of budgets by slicing (the MMR loss needs five).
 
@@ -63,7 +64,7 @@ def compute_dtype(candidates_dtype: torch.dtype, device: torch.device) -> torch.
     rounds every dot product to bf16 (and oneDNN picks its blocking by shape), so a query's scores would change
     with the number of queries sharing the call. One-query and batch bf16 scoring normally runs on the fused
     kernel (:mod:`metaembed.fused`) instead; this widening is the fallback where it is not built or the CPU
-    lacks AVX512-BF16. On CUDA bf16 stays bf16 (cuBLAS rounds each dot product to bf16).
+    lacks AVX512-BF16 / -VNNI. On CUDA bf16 stays bf16 (cuBLAS rounds each dot product to bf16).
     """
     if device.type == "cpu" and candidates_dtype in (torch.float16, torch.bfloat16):
         return torch.float32
@@ -126,7 +127,7 @@ def score_blocks(
     Returns float32 scores (float64 when a block is float64). No input checks here.
 
     Queries are scored as the candidates are stored: rounded to bf16 against bf16 blocks, quantised per vector to
-    int8 against int8 blocks (:mod:`metaembed.quantize`), in every engine. bf16 blocks, or int8 blocks with their
+    int8 against int8 blocks with scales (:mod:`metaembed.quantize`), in every engine. bf16 blocks, or int8 blocks with their
     scales, on a CPU with AVX512-BF16 and -VNNI go to the fused kernel (:mod:`metaembed.fused`): every dot product is
     accumulated in the same order whatever the batch (int8: exactly, in integers), so a query's scores are
     bit-identical alone and inside any batch. Everything else runs torch GEMMs: candidates in row chunks; within a
@@ -147,15 +148,16 @@ def score_blocks(
     out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     m = nq * r_q
     flat_queries = queries.reshape(m, dim)
-    # queries as each block's GEMM reads them: against bf16 blocks rounded to bf16, against int8 blocks quantised to
-    # int8 per vector (metaembed.quantize), as the fused kernel reads them
+    # queries as each block's GEMM reads them: against bf16 blocks rounded to bf16, against int8 codes with scales
+    # (an index's) quantised to int8 per vector (metaembed.quantize), as the fused kernel reads them
     q_of = {}
-    for (v, _), dt in zip(blocks, dtypes, strict=True):
-        if v.dtype == torch.int8:
-            rounded = round_trip_int8(flat_queries)
+    for (v, scale), dt in zip(blocks, dtypes, strict=True):
+        key = (v.dtype, dt, scale is not None)
+        if v.dtype == torch.int8 and scale is not None:
+            q_of[key] = round_trip_int8(flat_queries).to(dt).contiguous()
         else:
             rounded = flat_queries.to(torch.bfloat16) if v.dtype == torch.bfloat16 else flat_queries
-        q_of[(v.dtype, dt)] = rounded.to(dt).contiguous()
+            q_of[key] = rounded.to(dt).contiguous()
     total = sum(v.shape[1] for v, _ in blocks)
     widest = max(v.shape[1] for v, _ in blocks)
     rows = chunk_size or max(1, min(_TARGET_VECTORS // total, _CHUNK_ELEMENTS // (m * widest)))
@@ -188,7 +190,7 @@ def score_blocks(
             # one vector per candidate in this block: the GEMM writes straight into the running best
             direct = t == 1 and dt == best_dtype
             sims = target if direct else sims_buf[dt][: m * k * t].view(k * t, m)
-            torch.matmul(flat, q_of[(vectors.dtype, dt)].T, out=sims)
+            torch.matmul(flat, q_of[(vectors.dtype, dt, scale is not None)].T, out=sims)
             if scale is not None:
                 sims.mul_(scale[lo : lo + k].reshape(k * t, 1).to(dt))
             # candidates on the left: the max over a candidate's vectors is an elementwise max of contiguous rows

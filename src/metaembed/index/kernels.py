@@ -6,10 +6,11 @@ the groups that hold its first ``r_c`` vectors. int8 groups carry a per-vector f
 
 Scoring runs on :func:`metaembed.scoring.score_blocks`: per chunk of items, one GEMM per group into a reused
 buffer, the max over the group's vectors in place, a running best across groups, the sum over query vectors
-straight into the output. bf16 groups on an AVX512-BF16 CPU go to the fused kernel instead (bf16 products, fp32
-accumulation, batch-independent; :mod:`metaembed.fused`); int8 groups are widened to fp32 inside a
-cache-resident buffer and their scales applied to the similarities, so int8 scores equal the dequantised fp32
-reference.
+straight into the output. bf16 groups, and int8 groups with their scales, on an AVX512-BF16 / -VNNI CPU go to the
+fused kernel instead (bf16: fp32 accumulation; int8: exact integer dot products against the query quantised like the
+codes; batch-independent; :mod:`metaembed.fused`). Elsewhere int8 groups are widened to fp32 inside a
+cache-resident buffer against the same quantised query and their scales applied to the similarities, so both engines
+score int8 the same up to fp32 rounding.
 """
 
 from __future__ import annotations
