@@ -342,7 +342,7 @@ def test_int8_every_ladder_budget_matches_float64_and_the_query_rounding_bound(b
 
 @needs_kernel
 @pytest.mark.parametrize("dim", [8, 100, 384, 2048])
-@pytest.mark.parametrize("r_q", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("r_q", [1, 2, 3, 5, 8, 12, 16])
 def test_int8_a_query_scores_bit_identically_alone_in_any_batch_thread_split_and_row_list(r_q, dim):
     gen = torch.Generator().manual_seed(r_q * 1000 + dim)
     queries = torch.randn(70, r_q, dim, generator=gen)
