@@ -42,10 +42,14 @@ def write_bytes() -> int:
 
 
 def directory_bytes(path: Path) -> int:
-    total = 0
+    """Bytes of the files in ``path``, each file once (an in-place merge names its base's files twice a moment)."""
+    total, seen = 0, set()
     for entry in os.scandir(path):
         with contextlib.suppress(FileNotFoundError):  # a merge removed it meanwhile
-            total += entry.stat().st_size if entry.is_file() else 0
+            st = entry.stat()
+            if entry.is_file() and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_size
     return total
 
 

@@ -174,7 +174,7 @@ class _FullDisk:
 
     def __call__(self, file, mode="r", *args, **kwargs):
         handle = open(file, mode, *args, **kwargs)  # noqa: SIM115
-        if "w" not in mode or self.only not in str(file):
+        if not set("wa+") & set(mode) or self.only not in str(file):  # r+b: an in-place merge appends
             return handle
         disk, write = self, handle.write
 

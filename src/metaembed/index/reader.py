@@ -225,11 +225,13 @@ class SnapshotReader(IndexBase):
     @reports_storage_errors("read")
     def stats(self) -> dict[str, Any]:
         self._auto_refresh()
-        on_disk = 0
+        on_disk, seen = 0, set()
         for entry in self.path.iterdir():
             with contextlib.suppress(FileNotFoundError):  # a merge in another process may remove it meanwhile
                 st = entry.stat()
-                on_disk += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:  # an in-place merge links files
+                    seen.add((st.st_dev, st.st_ino))
+                    on_disk += st.st_size
         return {
             "backend": self.backend,
             "path": str(self.path),

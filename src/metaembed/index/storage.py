@@ -5,6 +5,12 @@ A mapped file that something outside metaembed truncates (or replaces by a short
 :class:`MappedFile` checks the size before mapping, :meth:`MappedFile.check` re-checks it (and the guard's fault
 count) around every read, and the guard (:mod:`metaembed.index.mapguard`) answers a read past the new end with
 zeros that the next check reports as :class:`IndexFormatError`.
+
+A file may be longer than the manifest says: a merge extends its first input in place (appends rows, then
+publishes a manifest with the larger count; see :mod:`metaembed.index.merge`). Only the manifest's bytes are
+mapped, checksummed and read; bytes past them belong to no committed row (an extension in flight, or one a
+crash interrupted, which the writer truncates when it next opens the index). Only a file shorter than the
+manifest says is damaged.
 """
 
 from __future__ import annotations
@@ -58,20 +64,24 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
-def crc32_file(path: Path) -> int:
-    """CRC-32 of a file, read in chunks with ``read`` (never mapped: a file shrinking meanwhile cannot fault)."""
-    crc = 0
+def crc32_file(path: Path, size: int | None = None) -> int:
+    """CRC-32 of a file's first ``size`` bytes (default: all), read in chunks with ``read`` (never mapped: a file
+    shrinking meanwhile cannot fault)."""
+    crc, left = 0, size
     with open(path, "rb") as f:
-        while chunk := f.read(CRC_CHUNK):
+        while chunk := f.read(CRC_CHUNK if left is None else min(CRC_CHUNK, left)):
             crc = zlib.crc32(chunk, crc)
+            if left is not None:
+                left -= len(chunk)
     return crc
 
 
 class MappedFile:
     """One segment file mapped privately and read-only in practice (pages are read lazily from the page cache).
 
-    The size is checked on the open descriptor before mapping, so the mapping is exactly the file; the guard
-    covers the whole mapping until the last tensor viewing it is gone.
+    The size is checked on the open descriptor before mapping: the file holds at least the manifest's ``size``
+    bytes, and exactly those are mapped (bytes an in-place merge appends later, or appended and never committed,
+    lie past the mapping). The guard covers the whole mapping until the last tensor viewing it is gone.
     """
 
     def __init__(self, path: Path, size: int) -> None:
@@ -81,7 +91,7 @@ class MappedFile:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise IndexFormatError(f"{path} is not a regular file: the index is damaged")
-            if st.st_size != size:
+            if st.st_size < size:
                 raise IndexFormatError(
                     f"{path} is {st.st_size} bytes, the manifest says {size}: the file is truncated or foreign"
                 )
@@ -104,7 +114,8 @@ class MappedFile:
         return self._bytes.view(dtype).view(shape)
 
     def check(self) -> None:
-        """Raise IndexFormatError if the file's size changed or a read ran past its end since it was mapped."""
+        """Raise IndexFormatError if the file shrank below the mapping or a read ran past its end since it was
+        mapped (growing is an in-place merge appending rows past the mapping: not a change to what it maps)."""
         if self._map is None:
             return
         faulted = self._guard is not None and self._guard.faults() > 0
@@ -112,7 +123,7 @@ class MappedFile:
             now = self._map.size()  # fstat of the mapped file itself, wherever its name now points
         except OSError:
             now = -1
-        if faulted or now != self.size:
+        if faulted or now < self.size:
             raise IndexFormatError(
                 f"{self.path} changed while the index was open (it is {now} bytes, the manifest says {self.size}"
                 f"{'; a read ran past its end' if faulted else ''}): restore the file and reopen the index"
@@ -165,3 +176,8 @@ def is_gone(error: BaseException) -> bool:
 def open_new(path: Path):
     """Open a new file for writing (the segment writer's files; one place to watch a disk fill up)."""
     return open(path, "wb")
+
+
+def open_existing(path: Path):
+    """Open an existing file for writing without truncating it (an in-place merge appends to its base's files)."""
+    return open(path, "r+b")

@@ -38,7 +38,7 @@ from metaembed.index.layout import row_bytes
 from metaembed.index.manifest import MANIFEST
 from metaembed.index.merge import MergePolicy, merge_segments
 from metaembed.index.reader import SnapshotReader, locked, reports_storage_errors
-from metaembed.index.segment import SegmentWriter, segment_name, verify_all
+from metaembed.index.segment import SegmentWriter, segment_name, trim_tails, verify_all
 from metaembed.index.storage import fsync_dir, storage_error
 from metaembed.index.validate import check_ids, check_write
 
@@ -133,7 +133,7 @@ class EmbeddedIndex(SnapshotReader):
             except BaseException:
                 os.close(lock_fd)
                 raise
-            index._remove_orphans()
+            index._remove_orphans(trim=True)
             return index
         except OSError as error:
             if isinstance(error, MetaEmbedError):
@@ -187,14 +187,19 @@ class EmbeddedIndex(SnapshotReader):
                 "nothing was committed: reopen the index"
             )
 
-    def _remove_orphans(self) -> None:
-        """Delete files of segments no manifest names (left by a crash or a merge). Writer only."""
+    def _remove_orphans(self, *, trim: bool = False) -> None:
+        """Delete files of segments no manifest names (left by a crash or a merge). Writer only.
+
+        ``trim`` (at open): also truncate bytes past the manifest's rows that an in-place merge killed before its
+        commit appended to a segment's files (see :func:`metaembed.index.segment.trim_tails`)."""
         keep = {MANIFEST}
         for entry in self._manifest["segments"]:
             keep.update(name for name, _ in manifests.segment_files(self._manifest, entry))
         for entry in self.path.iterdir():
             if entry.name not in keep and (entry.name.startswith("seg-") or entry.name.endswith(".tmp")):
                 entry.unlink(missing_ok=True)
+        if trim and (trimmed := trim_tails(self.path, self._manifest)):
+            log.info("index %s: truncated %d file(s) to the manifest's rows (an interrupted merge)", self.path, trimmed)
 
     # ------------------------------------------------------------------ writes
 
@@ -228,7 +233,7 @@ class EmbeddedIndex(SnapshotReader):
             writer.append_embeddings(ids, embeddings, meta)
             draft["segments"].append(writer.finish())
         self._tombstone(draft, existing)
-        self._commit(draft, written=writer.name)
+        self._commit(draft, written=writer)
         self._merge_after_commit()
 
     def _tombstone(self, draft: dict[str, Any], ids: Sequence[str]) -> None:
@@ -253,15 +258,16 @@ class EmbeddedIndex(SnapshotReader):
         self._commit(draft)
         self._merge_after_commit()
 
-    def _commit(self, draft: dict[str, Any], written: str | None = None) -> None:
-        """Publish ``draft``. If that fails before the commit point, the segment ``written`` for it is removed."""
+    def _commit(self, draft: dict[str, Any], written: SegmentWriter | None = None) -> None:
+        """Publish ``draft``. If that fails before the commit point, the segment ``written`` for it is undone
+        (removed; an in-place merge also truncates its base's files back to the base's rows)."""
         try:
             self._check_lock()
             fsync_dir(self.path)  # the new segment files' directory entries are durable before they are named
             manifests.publish(self.path, draft)
         except BaseException:
             if written is not None and not self._committed(draft):
-                SegmentWriter(self.path, draft, written)._abandon()
+                written._abandon()
             raise
         self._load(draft)
 
