@@ -10,8 +10,9 @@ Where a budget's vectors would not fit in --max-gib, N is scaled down for that b
     PYTHONPATH=src python benchmarks/maxsim_roofline.py                 # D=384 and 2048, bf16 and fp32
     PYTHONPATH=src python benchmarks/maxsim_roofline.py --dims 384 --dtypes int8 --batch 32
 
-bf16 queries (one or a batch) run on the fused AVX512-BF16 / -VNNI kernel where it is built (`metaembed.fused`); the `path`
-column says which engine ran, and `--gemm-baseline` also times the torch-GEMM engine on the same data (bf16 widened
+bf16 and int8 queries (one or a batch) run on the fused AVX512-BF16 / -VNNI kernel where it is built
+(`metaembed.fused`); the `path` column says which engine ran, and `--gemm-baseline` also times the torch-GEMM
+engine on the same data (bf16 widened
 to fp32 there; the speed-up column is GEMM time / fused time, measured back to back). docs/kernels.md's tables come
 from `benchmarks/kernel_claims.py`, which stores them as JSON.
 

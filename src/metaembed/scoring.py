@@ -127,12 +127,13 @@ def score_blocks(
     Returns float32 scores (float64 when a block is float64). No input checks here.
 
     Queries are scored as the candidates are stored: rounded to bf16 against bf16 blocks, quantised per vector to
-    int8 against int8 blocks with scales (:mod:`metaembed.quantize`), in every engine. bf16 blocks, or int8 blocks with their
-    scales, on a CPU with AVX512-BF16 and -VNNI go to the fused kernel (:mod:`metaembed.fused`): every dot product is
-    accumulated in the same order whatever the batch (int8: exactly, in integers), so a query's scores are
-    bit-identical alone and inside any batch. Everything else runs torch GEMMs: candidates in row chunks; within a
-    chunk every block runs one GEMM into a preallocated buffer, the max over its vectors is taken in place and folded
-    into a running best, and the sum over query vectors goes straight into the ``(nq, N)`` output. bf16 / fp16 (CPU)
+    int8 against int8 blocks with scales (:mod:`metaembed.quantize`), in every engine. bf16 blocks, or int8 blocks
+    with their scales, on a CPU with AVX512-BF16 and -VNNI go to the fused kernel (:mod:`metaembed.fused`): every
+    dot product is accumulated in the same order whatever the batch (int8: exactly, in integers), so a query's
+    scores are bit-identical alone and inside any batch. Everything else runs torch GEMMs: candidates in row
+    chunks; within a chunk every block runs one GEMM into a preallocated buffer, the max over its vectors is taken
+    in place and folded into a running best, and the sum over query vectors goes straight into the ``(nq, N)``
+    output. bf16 / fp16 (CPU)
     and int8 chunks are widened to fp32 inside a reused, cache-resident buffer, so these scores are fp32 dot products
     too: equal between batch sizes within fp32 rounding (~1e-6 relative), top-k identical except for items whose
     scores tie that closely.

@@ -17,7 +17,7 @@ Deletes: a segment more than half dead is rewritten (its live rows only), so tom
 of what each segment holds.
 
 In place. A merge whose first input has no tombstones keeps that input's rows where they are
-(:class:`~metaembed.index.segment.SegmentExtender`): the result's vector files are hard links to the first
+(:class:`~metaembed.index.extend.SegmentExtender`): the result's vector files are hard links to the first
 input's files, the other inputs' live rows are appended past its rows, and the manifest names the result with
 the summed count. A merge of T equal segments then writes (T-1)/T of its rows, not all of them: with the
 defaults above a row costs about 1.9× its bytes instead of 2×. It is safe because no byte any manifest counts
@@ -40,15 +40,9 @@ from typing import Any
 from metaembed.errors import InputError
 from metaembed.index import manifest as manifests
 from metaembed.index.base import IndexStorageError
+from metaembed.index.extend import CannotExtendError, SegmentExtender, extendable
 from metaembed.index.layout import row_bytes
-from metaembed.index.segment import (
-    CannotExtendError,
-    Segment,
-    SegmentExtender,
-    SegmentWriter,
-    extendable,
-    segment_name,
-)
+from metaembed.index.segment import Segment, SegmentWriter, segment_name
 
 HEADROOM_BYTES = 64 * 2**20  # free space a merge leaves beyond its own output (the manifest, other writers)
 

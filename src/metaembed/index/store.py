@@ -34,11 +34,12 @@ from metaembed.index.base import (
     UnknownIdError,
     check_dtype,
 )
+from metaembed.index.extend import trim_tails
 from metaembed.index.layout import row_bytes
 from metaembed.index.manifest import MANIFEST
 from metaembed.index.merge import MergePolicy, merge_segments
 from metaembed.index.reader import SnapshotReader, locked, reports_storage_errors
-from metaembed.index.segment import SegmentWriter, segment_name, trim_tails, verify_all
+from metaembed.index.segment import SegmentWriter, segment_name, verify_all
 from metaembed.index.storage import fsync_dir, storage_error
 from metaembed.index.validate import check_ids, check_write
 
@@ -191,7 +192,7 @@ class EmbeddedIndex(SnapshotReader):
         """Delete files of segments no manifest names (left by a crash or a merge). Writer only.
 
         ``trim`` (at open): also truncate bytes past the manifest's rows that an in-place merge killed before its
-        commit appended to a segment's files (see :func:`metaembed.index.segment.trim_tails`)."""
+        commit appended to a segment's files (see :func:`metaembed.index.extend.trim_tails`)."""
         keep = {MANIFEST}
         for entry in self._manifest["segments"]:
             keep.update(name for name, _ in manifests.segment_files(self._manifest, entry))
