@@ -295,8 +295,8 @@ TARGET static inline __attribute__((always_inline)) void fold_items(const struct
  * a single pass over the items. */
 TARGET static inline __attribute__((always_inline)) int fold_by_item(const struct source *s, int64_t first,
                                                                      int64_t count, int64_t available, float *best,
-                                                                     int64_t block, const int I8) {
-    const int64_t size = I8 ? 1 : 2, m = s->m, dim = s->dim;
+                                                                     int64_t block) {
+    const int64_t size = 2, m = s->m, dim = s->dim; /* bf16 only: int8 batches take the lanes order */
     int64_t per_item = 0;
     for (int64_t b = 0; b < s->nblocks; b++) per_item += s->takes[b];
     const int64_t item_bytes = per_item * dim * size;
@@ -305,11 +305,11 @@ TARGET static inline __attribute__((always_inline)) int fold_by_item(const struc
     const int64_t tiles = (per_item + 3) / 4;
     const char **rows = malloc(sizeof(*rows) * tiles * 4);
     int64_t *ahead = malloc(sizeof(*ahead) * tiles * 4); /* per row, then per tile */
-    float *scales = malloc(sizeof(*scales) * tiles * 4);
-    if (!rows || !ahead || !scales) {
-        free(rows), free(ahead), free(scales);
+    if (!rows || !ahead) {
+        free(rows), free(ahead);
         return -1;
     }
+    const __m512i unused = _mm512_setzero_si512(); /* int8's offsets and scales */
     for (int64_t c0 = 0; c0 < count; c0 += chunk) {
         const int64_t c1 = count - c0 < chunk ? count : c0 + chunk;
         for (int64_t q0 = 0; q0 < m; q0 += QUERY_CHUNK) {
@@ -317,22 +317,15 @@ TARGET static inline __attribute__((always_inline)) int fold_by_item(const struc
             const int groups = (int)((q1 - q0 + 3) / 4);
             const char *query[QUERY_CHUNK]; /* a short last group repeats a vector; its maxima are not written */
             for (int v = 0; v < 4 * groups; v++) query[v] = s->queries + (q0 + v < q1 ? q0 + v : q1 - 1) * dim * size;
-            __m512i offsets[QUERY_CHUNK / 4];
-            for (int g = 0; g < groups; g++) {
-                const int valid = q1 - (q0 + 4 * g) < 4 ? (int)(q1 - (q0 + 4 * g)) : 4;
-                offsets[g] = I8 ? tile_offsets(s->query_offsets + q0 + 4 * g, valid, 4) : _mm512_setzero_si512();
-            }
             for (int64_t i = c0; i < c1; i++) {
                 int64_t r = 0;
                 for (int64_t b = 0; b < s->nblocks; b++)
                     for (int64_t j = 0; j < s->takes[b]; j++, r++) {
                         rows[r] = row_at(s, b, first + i, j, size);
-                        if (I8) scales[r] = scale_at(s, b, first + i, j);
                         ahead[r] = s->index ? 0 : distance * s->item_strides[b] * size;
                     }
                 for (; r < tiles * 4; r++) { /* a repeated vector leaves the max as it is */
                     rows[r] = rows[per_item - 1];
-                    scales[r] = scales[per_item - 1];
                     ahead[r] = ahead[per_item - 1];
                 }
                 for (int64_t t = 0; t < tiles; t++) { /* a tile across blocks of other strides: no prefetch */
@@ -342,14 +335,12 @@ TARGET static inline __attribute__((always_inline)) int fold_by_item(const struc
                 const int prefetch = q0 == 0 && i + distance < available;
                 __m512 run[QUERY_CHUNK / 4];
                 for (int g = 0; g < groups; g++) run[g] = _mm512_set1_ps(-INFINITY);
-                for (int64_t t = 0; t < tiles; t++) {
-                    const __m512 row_scales = I8 ? tile_scales(scales + 4 * t, 4) : _mm512_setzero_ps();
+                for (int64_t t = 0; t < tiles; t++)
                     for (int g = 0; g < groups; g++) {
                         const int64_t pf = prefetch && g == 0 ? ahead[t] : 0;
-                        run[g] = _mm512_max_ps(run[g], tile(query + 4 * g, rows + 4 * t, dim * size, 4, 4, pf, 0, I8,
-                                                            offsets[g], row_scales));
+                        run[g] = _mm512_max_ps(run[g], tile(query + 4 * g, rows + 4 * t, dim * size, 4, 4, pf, 0, 0,
+                                                            unused, _mm512_castsi512_ps(unused)));
                     }
-                }
                 for (int g = 0; g < groups; g++) {
                     float lanes[16];
                     _mm512_storeu_ps(lanes, max_over_rows(run[g], 4)); /* lane 4a: query vector a's max */
@@ -359,7 +350,7 @@ TARGET static inline __attribute__((always_inline)) int fold_by_item(const struc
             }
         }
     }
-    free(rows), free(ahead), free(scales);
+    free(rows), free(ahead);
     return 0;
 }
 
@@ -522,8 +513,8 @@ TARGET static inline __attribute__((always_inline)) int fold_block(const struct 
     if (I8 && s->m >= LANES_MIN_M) /* a run fills the lanes: 16 query vectors, or 8 against row pairs */
         return s->m >= 16 ? fold_lanes(s, first, count, available, best, block, 1)
                           : fold_lanes(s, first, count, available, best, block, 2);
-    if (s->m >= BY_ITEM_MIN_M && (per_item % 4 == 0 || per_item >= 12)) /* at most 1 in 5 rows a padding repeat */
-        return fold_by_item(s, first, count, available, best, block, I8);
+    if (!I8 && s->m >= BY_ITEM_MIN_M && (per_item % 4 == 0 || per_item >= 12)) /* at most 1 in 5 padding repeats */
+        return fold_by_item(s, first, count, available, best, block);
     /* tile shapes keep 16 accumulators: one query vector x 16 rows, 2 x 8, or 4 x 4 */
     if (s->m == 1)
         fold_items(s, first, count, best, block, 1, 16, 1, I8);
