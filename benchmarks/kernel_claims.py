@@ -10,7 +10,9 @@ then times, per D and ladder budget, on random unit vectors in the index's group
 * ``bf16 1q``: one query through ``maxsim_grouped`` (the fused kernel where it runs);
 * ``torch 1q``: the plain torch a practitioner writes on a dense ``(N, r_c, D)`` bf16 tensor: ``q @ cᵀ`` (bf16),
   ``amax`` over each item's vectors, ``sum`` over query vectors — the peer the headline speed-up is against;
-* ``bf16 batch``: ``--batch`` queries in one call (ms per query; fraction of the measured bf16 GEMM peak);
+* ``bf16 batch``: ``--batch`` queries in one call against ``--batch-n`` items (ms per query; fraction of the
+  measured bf16 GEMM peak); with ``--batch-sizes``, also smaller batches against proportionally more items (their
+  share of the peak, in one table);
 * ``int8 1q``: one query against int8 groups with per-vector scales;
 * ``strided`` (first D only): ``maxsim`` on a full ``(N, 64, D)`` tensor at the budget, against the same values
   as a dense prefix — the ratio full / dense.
@@ -135,7 +137,7 @@ def one_round(args, budgets: list[Budget], record) -> dict:
         rows = [max((n_of[b] for b in budgets if b.r_c > lo), default=0) for lo in GROUP_BOUNDS[:-1]]
         groups, _ = grouped(rows, dim, "bf16", dim)
         codes, scales = grouped(rows, dim, "int8", dim + 1)
-        q1, qb = unit_queries(1, dim, 1), unit_queries(args.batch, dim, 2)
+        q1, qb = unit_queries(1, dim, 1), unit_queries(max([args.batch, *args.batch_sizes]), dim, 2)
         for budget in budgets:
             n = n_of[budget]
             needed = sum(1 for lo in GROUP_BOUNDS[:-1] if lo < budget.r_c)
@@ -148,19 +150,20 @@ def one_round(args, budgets: list[Budget], record) -> dict:
             qr = q1[:, : budget.r_q].to(torch.bfloat16)
             peer = median_ms(partial(torch_peer, qr, dense), args.repeats, clock=clock)
             record("bf16 1q", cell, ms=ms, roofline_ms=roof, torch_ms=peer)
-            nb = args.batch
-            batch_n = min(n, args.batch_n)
-            batch_view = [g[:batch_n] for g in view]
-            ms_b = median_ms(
-                partial(maxsim_grouped, qb, batch_view, budget), max(1, args.repeats // 2), per=nb, clock=clock
-            )
-            roof_b = ceilings.roofline_ms(
-                budget.flops(batch_n, dim) * nb, index_bytes(budget, batch_n, dim, "bf16"), "bf16"
-            )
-            peak_share = budget.flops(batch_n, dim) / (ms_b * 1e6) / ceilings.peak("bf16")
-            record(
-                f"bf16 batch {nb}", dict(cell, n=batch_n), ms=ms_b, roofline_ms=roof_b / nb, bf16_peak_share=peak_share
-            )
+            for nb in sorted({args.batch, *args.batch_sizes}):
+                # a smaller batch scores proportionally more items, so every call does the same work and the
+                # per-call cost (checks, dispatch) weighs the same for every batch size
+                batch_n = min(n, args.batch_n * max(1, args.batch // nb))
+                batch_view = [g[:batch_n] for g in view]
+                ms_b = median_ms(
+                    partial(maxsim_grouped, qb[:nb], batch_view, budget), max(1, args.repeats // 2), per=nb, clock=clock
+                )
+                roof_b = ceilings.roofline_ms(
+                    budget.flops(batch_n, dim) * nb, index_bytes(budget, batch_n, dim, "bf16"), "bf16"
+                )
+                peak_share = budget.flops(batch_n, dim) / (ms_b * 1e6) / ceilings.peak("bf16")
+                where = dict(cell, n=batch_n)
+                record(f"bf16 batch {nb}", where, ms=ms_b, roofline_ms=roof_b / nb, bf16_peak_share=peak_share)
             code_view, scale_view = [g[:n] for g in codes[:needed]], [s[:n] for s in scales[:needed]]
             ms_i = median_ms(
                 partial(maxsim_grouped, q1, code_view, budget, scale_view), max(1, args.repeats // 2), clock=clock
@@ -216,6 +219,7 @@ def run(args) -> dict:
         "torch": torch.__version__,
         "clock": args.clock,
         "clock_note": CLOCK_NOTES[args.clock],
+        "batch": args.batch,
         "rounds": rounds,
         "cells": list(cells.values()),
     }
@@ -269,13 +273,22 @@ def markdown(result: dict) -> str:
         out.append(
             _lead(c, _ratios(c, "ms", "roofline_ms")) + f"| {_ms(c['torch_ms'])} | {s:.2f}× ({slo:.2f}–{shi:.2f}) |"
         )
-    batch = [e for e in by if e.startswith("bf16 batch")]
-    for engine in batch:
-        out.append(f"\n| D | budget | N | {engine}: ms / query | ratio to roofline | share of bf16 GEMM peak |")
-        out.append("|---|---|---|---|---|---|")
-        for c in by[engine]:
-            p, plo, phi = _summary(c["bf16_peak_share"])
-            out.append(_lead(c, _ratios(c, "ms", "roofline_ms"), 3) + f"| {p:.0%} ({plo:.0%}–{phi:.0%}) |")
+    main = f"bf16 batch {result.get('batch', 32)}"
+    out.append(f"\n| D | budget | N | {main}: ms / query | ratio to roofline | share of bf16 GEMM peak |")
+    out.append("|---|---|---|---|---|---|")
+    for c in by.get(main, []):
+        p, plo, phi = _summary(c["bf16_peak_share"])
+        out.append(_lead(c, _ratios(c, "ms", "roofline_ms"), 3) + f"| {p:.0%} ({plo:.0%}–{phi:.0%}) |")
+    sizes = sorted(int(e.rsplit(" ", 1)[1]) for e in by if e.startswith("bf16 batch "))
+    if len(sizes) > 1:  # every batch size's share of the bf16 GEMM peak (median over rounds), one row per cell
+        top = result.get("batch", 32)
+        head = f"N for {top} (a batch of k: {top}/k times as many)"
+        out.append(f"\n| D | budget | {head} | " + " | ".join(f"batch of {k}: share of peak" for k in sizes) + " |")
+        out.append("|---|---|---|" + "---|" * len(sizes))
+        for c in by[main]:
+            shares = [_summary(x["bf16_peak_share"])[0] for k in sizes for x in by[f"bf16 batch {k}"]
+                      if (x["dim"], x["budget"]) == (c["dim"], c["budget"])]  # fmt: skip
+            out.append(f"| {c['dim']} | {c['budget']} | {c['n']:,} | " + " | ".join(f"{x:.0%}" for x in shares) + " |")
     out.append("\n| D | budget | N | int8 1 query ms | ratio to int8 roofline | int8 / bf16 time |")
     out.append("|---|---|---|---|---|---|")
     for c in by.get("int8 1q", []):
@@ -298,6 +311,7 @@ def main() -> None:
     parser.add_argument("--max-gib", type=float, default=1.0, help="cap on one budget's bf16 candidate bytes")
     parser.add_argument("--strided-gib", type=float, default=2.0, help="size of the full (N, 64, D) tensor")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[], help="smaller batches, e.g. 2 4 8 16")
     parser.add_argument("--batch-n", type=int, default=4096, help="items the batch is scored against")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
