@@ -208,6 +208,39 @@ static inline float scale_at(const struct source *s, int64_t b, int64_t i, int64
     return s->scale_bases[b][at * s->scale_strides[b] + j];
 }
 
+/* bf16, the stepped 4 x 4 order, for a block whose items have a multiple of 4 vectors and up to 16 query vectors:
+ * an item's tiles follow one another, so their lane-wise maxima stay in registers (one per 4 query vectors) and the
+ * max over the item's rows is reduced and stored once per item, not once per tile. Max is exact: the same scores as
+ * tile by tile. ahead: the block's prefetch distance in bytes (fold_items). */
+TARGET static inline __attribute__((always_inline)) void fold_whole_tiles(const struct source *s, int64_t b,
+                                                                          int64_t first, int64_t count, float *best,
+                                                                          int64_t block, int64_t ahead) {
+    const int64_t size = 2, m = s->m, dim = s->dim, take = s->takes[b];
+    const int groups = (int)((m + 3) / 4);
+    const char *query[16]; /* a short last group repeats a vector; its maxima are not written */
+    for (int v = 0; v < 4 * groups; v++) query[v] = s->queries + (v < m ? v : m - 1) * dim * size;
+    const __m512i unused = _mm512_setzero_si512(); /* int8's offsets and scales */
+    for (int64_t i = 0; i < count; i++) {
+        __m512 run[4];
+        for (int g = 0; g < groups; g++) run[g] = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < take; j += 4) {
+            const char *row[4];
+            for (int r = 0; r < 4; r++) row[r] = row_at(s, b, first + i, j + r, size);
+            for (int g = 0; g < groups; g++)
+                run[g] = _mm512_max_ps(run[g], tile(query + 4 * g, row, dim * size, 4, 4, g == 0 ? ahead : 0, 0, 0,
+                                                    unused, _mm512_castsi512_ps(unused)));
+        }
+        for (int g = 0; g < groups; g++) {
+            float lanes[16];
+            _mm512_storeu_ps(lanes, max_over_rows(run[g], 4)); /* lane 4a: query vector a's max */
+            for (int a = 0; a < 4 && 4 * g + a < m; a++) {
+                float *at = best + (4 * g + a) * block + i;
+                *at = larger(*at, lanes[4 * a]);
+            }
+        }
+    }
+}
+
 /* One block of items: fold every stored vector of every block into best[q][item], QT x RT tiles at a time. */
 TARGET static inline __attribute__((always_inline)) void fold_items(const struct source *s, int64_t first,
                                                                     int64_t count, float *best, int64_t block,
@@ -231,6 +264,10 @@ TARGET static inline __attribute__((always_inline)) void fold_items(const struct
         const int64_t ahead = s->index         ? 0
                               : stride == take * dim ? prefetch_rows * dim * size
                                                      : (prefetch_rows + take - 1) / take * stride * size;
+        if (!I8 && QT == 4 && !ROWS_FIRST && take % 4 == 0 && m <= 16) {
+            fold_whole_tiles(s, b, first, count, best, block, ahead);
+            continue;
+        }
         int64_t next_item = 0, next_vector = 0; /* the next row, counted (no divisions in the loop) */
         for (int64_t r0 = 0; r0 < rows; r0 += RT) {
             const int valid_rows = rows - r0 < RT ? (int)(rows - r0) : RT;
