@@ -124,4 +124,7 @@ def _leave_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # every rank leaves together: a rank that tore its gloo group down while rank 0 was still committing the
+        # shards died at exit now and then (std::terminate in gloo's teardown, SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
