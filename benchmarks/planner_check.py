@@ -34,7 +34,7 @@ import torch
 from metaembed.bench.scoring import percentile
 from metaembed.budget import Budget
 from metaembed.cli import main
-from metaembed.plan.auto_eval import machine
+from metaembed.eval.report import machine_state
 
 
 def run_cli(argv: list[str]) -> str:
@@ -93,7 +93,7 @@ def main_check() -> None:
     try:
         # the index is built first (untimed) so that prediction and check run back to back, under one load
         build_index(workdir / "index", args.n, args.dim, args.dtype)
-        before = machine()
+        before = machine_state()
         size = f"--n {args.n} --dim {args.dim}".split()
         bench_argv = [
             "bench",
@@ -110,14 +110,14 @@ def main_check() -> None:
         target = ["--max-latency-ms", str(args.max_latency_ms)]
         outputs = ["--json", "--out", str(plan), "--plot", str(args.out / "plan.png")]
         run_cli(["plan", "--quality", *args.quality, "--cost", str(bench), *size, *target, *outputs])
-        predicted_at = machine()
+        predicted_at = machine_state()
         pick = json.loads(plan.read_text())["recommended"]
         if pick["setting"]["dtype"] != args.dtype:
             raise SystemExit(f"the plan picked {pick['name']}; the index was built in {args.dtype}")
         measured = time_index(workdir / "index", args.dim, Budget.parse(pick["setting"]["budget"]), args.repeats)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    after = machine()
+    after = machine_state()
     check = {
         "command": "PYTHONPATH=src python benchmarks/planner_check.py " + " ".join(sys.argv[1:]),
         "n": args.n,

@@ -27,6 +27,29 @@ class ReportError(EvalError):
     """A result file that is missing, unreadable or not a metaembed evaluation result."""
 
 
+def machine_state() -> dict:
+    """What a run was measured on: CPU, cores, torch threads, load average, the scoring kernel."""
+    import platform
+
+    import torch
+
+    from metaembed import fused
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "fused_kernel": fused.status(),
+    }
+
+
 @dataclass
 class EvalResult:
     """Everything one evaluation run measured; ``to_json`` / ``load`` round-trip it."""
@@ -41,6 +64,9 @@ class EvalResult:
     groups: list[dict] = field(default_factory=list)
     encodes: dict = field(default_factory=dict)
     bytes_per_value: float = 2.0
+    # the machine when the run started and when it ended (machine_state): threads, load, the scoring kernel
+    machine_before: dict = field(default_factory=dict)
+    machine_after: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     metaembed_version: str = ""
     schema_version: int = SCHEMA_VERSION

@@ -19,7 +19,7 @@ from metaembed.budget import Budget
 from metaembed.data.records import decode_image
 from metaembed.errors import DataError
 from metaembed.eval.common import ResumeStore, check_encoded, describe_model, run_or_reuse, select_budgets
-from metaembed.eval.report import EvalResult, mean
+from metaembed.eval.report import EvalResult, machine_state, mean
 
 
 class Task(Protocol):
@@ -91,6 +91,7 @@ def run(
     With ``resume_dir`` each finished task is saved there and a rerun with the same model, budgets and
     data reuses it (see :class:`~metaembed.eval.common.ResumeStore`).
     """
+    machine_before = machine_state()
     chosen = select_budgets(encoder, budgets)
     budget_names = [str(b) for b in chosen]
     model_info = describe_model(encoder, model_name)
@@ -142,6 +143,8 @@ def run(
         scores=scores,
         groups=groups,
         encodes=encodes,
+        machine_before=machine_before,
+        machine_after=machine_state(),
         **family.result_fields(),
     )
 

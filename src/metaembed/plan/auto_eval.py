@@ -10,8 +10,6 @@ the settings interleaved, in a rotating order, so they share the machine's load 
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
 import statistics
 import time
@@ -19,10 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from metaembed.auto_budget import AutoBudget
 from metaembed.budget import Budget
+from metaembed.eval.report import machine_state
 from metaembed.plan.calibrate import correct_at_1
 from metaembed.plan.encoded import EncodedTask
 
@@ -32,25 +29,6 @@ AUTO = "auto"
 def fixed_policy(budget: Budget, k: int) -> AutoBudget:
     """A policy that scores at ``budget`` and never moves: a fixed budget run through the ``auto`` code path."""
     return AutoBudget(0.0, cheap=budget, ceiling=budget, ladder=(budget,), top_m=k)
-
-
-def machine() -> dict[str, Any]:
-    """What the timings were measured on: CPU, cores, torch threads, load average, the scoring kernel."""
-    from metaembed import fused
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "fused_kernel": fused.status(),
-    }
 
 
 def evaluate_policy(
@@ -73,7 +51,7 @@ def evaluate_policy(
     budgets = [b for b in Budget.LADDER if b.r_q <= policy.ceiling.r_q and b.r_c <= policy.ceiling.r_c]
     settings = {str(b): fixed_policy(b, k) for b in budgets} | {AUTO: policy}
     names = list(settings)
-    started = machine()
+    started = machine_state()
     root = Path(workdir)
     per_task, pooled = [], {name: {"bytes": 0.0, "ms": 0.0, "queries": 0} for name in settings}
     for task in tasks:
@@ -131,7 +109,7 @@ def evaluate_policy(
         "k": k,
         "repeats": repeats,
         "machine_before": started,
-        "machine_after": machine(),
+        "machine_after": machine_state(),
         "tasks": per_task,
         "overall": overall,
         "verdict": verdict(per_task, overall, str(policy.ceiling)),
