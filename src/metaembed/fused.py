@@ -55,8 +55,9 @@ def _library() -> ctypes.CDLL | None:
     lib.metaembed_maxsim_bf16_rows.restype = ctypes.c_int
     lib.metaembed_maxsim_bf16_rows.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p, _i64]
     lib.metaembed_maxsim_int8.restype = ctypes.c_int
-    lib.metaembed_maxsim_int8.argtypes = [_p, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _i64, _i64]
-    lib.metaembed_maxsim_int8.argtypes += [_p, _i64]
+    # queries, their offsets and scales; nq, r_q, dim, nblocks; bases, scale bases, takes, strides, scale strides,
+    # row list; lo, hi; scores, n
+    lib.metaembed_maxsim_int8.argtypes = [_p, _p, _p, *[_i64] * 4, *[_p] * 6, _i64, _i64, _p, _i64]
     return lib
 
 
