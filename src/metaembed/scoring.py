@@ -154,6 +154,8 @@ def score_blocks(
     q_of = {}
     for (v, scale), dt in zip(blocks, dtypes, strict=True):
         key = (v.dtype, dt, scale is not None)
+        if key in q_of:  # blocks of one kind share their queries (an index has up to five groups)
+            continue
         if v.dtype == torch.int8 and scale is not None:
             q_of[key] = round_trip_int8(flat_queries).to(dt).contiguous()
         else:
